@@ -1,0 +1,183 @@
+"""The budgeted clip: ``c = min(1, τ / S)`` applied to the whole update.
+
+:func:`budget_clip` is the EBC transformation with a fixed trust radius: it
+refreshes ``β`` (through a :class:`~ebc_optax.SensitivityEstimator`), forms
+``S = agg_ℓ(β_ℓ ‖ΔW_ℓ‖)`` and scales every update leaf by ``c``. The KL
+target ``δ`` and the guard's radius factor are *slots* in its state, read at
+every step: wrappers (:func:`~ebc_optax.kl_probe`) write them, the way
+``optax.inject_hyperparams`` writes hyperparameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ebc_optax import _aggregate
+from ebc_optax import _layers
+from ebc_optax import _logits
+from ebc_optax import _sensitivity
+from ebc_optax import _validation
+
+
+class BudgetClipState(NamedTuple):
+  """State of :func:`budget_clip`.
+
+  Attributes:
+    ebc_step: int32, number of updates applied so far (drives the cadences).
+    sensitivity: the β estimator's state.
+    kl_target: float32, the KL target ``δ`` (nats/token) in use.
+    radius_factor: float32 in ``(0, 1]``, the guard's shrink factor on ``τ``.
+    trust_radius: float32, ``τ = sqrt(4δ) · radius_factor`` used at the last step.
+    surrogate: float32, ``S`` at the last step (per-token units).
+    clip_scale: float32, ``c`` applied at the last step.
+    layer_contribution: ``[L]`` float32, ``s_ℓ = safety·β_ℓ·‖ΔW_ℓ‖``.
+    clipped_steps: int32, steps with ``c < 1``.
+  """
+  ebc_step: jax.Array
+  sensitivity: _sensitivity.SensitivityState
+  kl_target: jax.Array
+  radius_factor: jax.Array
+  trust_radius: jax.Array
+  surrogate: jax.Array
+  clip_scale: jax.Array
+  layer_contribution: jax.Array
+  clipped_steps: jax.Array
+
+
+def require_extra(params: Any, batch: Any, who: str) -> None:
+  if params is None:
+    raise ValueError(
+        f"{who} needs `params` (the current parameters) in update(updates, "
+        "state, params, batch=...).")
+  if batch is None:
+    raise ValueError(
+        f"{who} needs the keyword argument `batch` (what logits_fn(params, "
+        "batch) consumes) in update(updates, state, params, batch=batch).")
+
+
+def take_probe_rows(batch: Any, probe_batch_size: int | None) -> Any:
+  """First ``probe_batch_size`` rows (leading axis) of every leaf of ``batch``."""
+  if probe_batch_size is None:
+    return batch
+  if isinstance(probe_batch_size, jax.core.Tracer):
+    raise ValueError(
+        "probe_batch_size must be a static int; with optax.inject_hyperparams "
+        "list it in static_args.")
+
+  def take(x):
+    shape = getattr(x, "shape", ())
+    if not shape:
+      return x
+    if shape[0] < probe_batch_size:
+      raise ValueError(
+          f"probe_batch_size={probe_batch_size} exceeds the batch's leading "
+          f"axis ({shape[0]}); it must be in [1, {shape[0]}].")
+    return x[:probe_batch_size]
+  return jax.tree.map(take, batch)
+
+
+def scale_updates(updates: Any, scale: jax.Array) -> Any:
+  """``c · u`` computed in float32, cast back to each leaf's dtype."""
+  return jax.tree.map(
+      lambda u: (u.astype(jnp.float32) * scale).astype(u.dtype), updates)
+
+
+def budget_clip(
+    estimator: _sensitivity.SensitivityEstimator,
+    *,
+    target_kl: float = 0.05,
+    aggregate: str = "l1",
+    layer_labels: _layers.LayerLabelsFn | None = None,
+    include_embed_out: bool = False,
+    probe_batch_size: int | None = None,
+    eps: float = 1e-12,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Scales the whole update by ``c = min(1, τ / S)``.
+
+  .. math::
+    S = \mathrm{agg}_\ell\big(\beta_\ell \lVert \Delta W_\ell \rVert\big), \quad
+    \tau = \sqrt{4\delta}\cdot g, \quad c = \min(1, \tau / \max(S, \epsilon))
+
+  with per-token ``β`` (see :func:`sensitivity_estimator`), ``δ`` the
+  ``kl_target`` slot and ``g`` the guard's ``radius_factor`` slot of the state.
+  Embedding/output groups left out of the budget are scaled by ``c`` as well,
+  so the update direction never changes.
+
+  Args:
+    estimator: the β estimator (:func:`sensitivity_estimator`).
+    target_kl: initial ``δ`` in nats/token (> 0).
+    aggregate: ``"l1"`` or ``"l2"`` (see :func:`budget_surrogate`).
+    layer_labels: ``params -> pytree of str``; default
+      :func:`default_layer_labels`.
+    include_embed_out: keep embedding/output groups in the budget.
+    probe_batch_size: measure ``β`` on the first N rows of ``batch`` only.
+    eps: floor on ``S``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` requires
+    ``params`` and the keyword ``batch``.
+  """
+  _validation.check_number("target_kl", target_kl, lo=0, lo_open=True)
+  _validation.check_choice("aggregate", aggregate, _aggregate.AGGREGATES)
+  _validation.check_number("probe_batch_size", probe_batch_size, lo=1,
+                           integer=True, allow_none=True)
+  _validation.check_number("eps", eps, lo=0, lo_open=True)
+
+  def partition(params):
+    return _layers.partition_layers(params, layer_labels, include_embed_out)
+
+  def init(params):
+    num_layers = len(partition(params).labels)
+    kl = jnp.asarray(target_kl, jnp.float32)
+    return BudgetClipState(
+        ebc_step=jnp.zeros([], jnp.int32),
+        sensitivity=estimator.init(num_layers),
+        kl_target=kl,
+        radius_factor=jnp.ones([], jnp.float32),
+        trust_radius=_logits.trust_radius(kl),
+        surrogate=jnp.zeros([], jnp.float32),
+        clip_scale=jnp.ones([], jnp.float32),
+        layer_contribution=jnp.zeros([num_layers], jnp.float32),
+        clipped_steps=jnp.zeros([], jnp.int32),
+    )
+
+  def update(updates, state, params=None, *, batch=None, **extra_args):
+    del extra_args
+    require_extra(params, batch, "budget_clip")
+    part = partition(params)
+    num_layers = len(part.labels)
+    if state.layer_contribution.shape != (num_layers,):
+      raise ValueError(
+          f"The params give {num_layers} budgeted layers {part.labels} but the "
+          f"state was initialised for {state.layer_contribution.shape[0]}; "
+          "init and update must see params of the same structure.")
+    if jax.tree.structure(updates) != jax.tree.structure(params):
+      raise ValueError(
+          "updates and params must have the same tree structure; got "
+          f"{jax.tree.structure(updates)} vs {jax.tree.structure(params)}.")
+    update_leaves = jax.tree.leaves(updates)
+    norms = _sensitivity.layer_norms(update_leaves, part)
+    sens = estimator.update(state.sensitivity, state.ebc_step, part, params,
+                            updates, take_probe_rows(batch, probe_batch_size),
+                            norms)
+    contributions = _aggregate.layer_contributions(
+        estimator.effective_beta(sens), norms)
+    surrogate = _aggregate.budget_surrogate(contributions, aggregate)
+    radius = _logits.trust_radius(state.kl_target) * state.radius_factor
+    scale = _aggregate.clip_scale(surrogate, radius, eps)
+    new_state = state._replace(
+        ebc_step=state.ebc_step + 1,
+        sensitivity=sens,
+        trust_radius=radius,
+        surrogate=surrogate,
+        clip_scale=scale,
+        layer_contribution=contributions,
+        clipped_steps=state.clipped_steps + (scale < 1.0).astype(jnp.int32),
+    )
+    return scale_updates(updates, scale), new_state
+
+  return optax.GradientTransformationExtraArgs(init, update)

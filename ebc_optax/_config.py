@@ -1,0 +1,116 @@
+"""Building the transform from the reference repository's config keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import optax
+
+from ebc_optax import _controller
+from ebc_optax import _layers
+from ebc_optax import _logits
+from ebc_optax import _transform
+
+
+@dataclasses.dataclass(frozen=True)
+class EBCConfig:
+  """Every EBC knob with its default; the single source of truth.
+
+  Field ``x`` is read from the config key ``ebc_x``. The first nine are the
+  reference repository's keys (``ebc_enable`` ... ``ebc_include_embed_out``);
+  the rest are ours. ``controller`` is ``"pi"`` or ``"none"``; the ``pi_*``
+  fields are the PI controller's gains and clamp (see
+  :func:`~ebc_optax.pi_controller`).
+  """
+  enable: bool = True
+  target_kl: float = 0.05
+  update_every: int = 20
+  probe_layers: int = 2
+  beta_ema: float = 0.9
+  safety: float = 1.05
+  aggregate: str = "l1"
+  center_logits: bool = True
+  include_embed_out: bool = False
+  full_sweep_every: int = 200
+  sensitivity: str = "jvp"
+  huber_ratio: float = 4.0
+  fd_step: float = 1e-2
+  probe_batch_size: int | None = None
+  controller: str = "pi"
+  guard: bool = True
+  probe_every: int = 20
+  pi_kp: float = 0.15
+  pi_ki: float = 0.02
+  pi_half_life: float = 250.0
+  pi_delta_min: float = 0.01
+  pi_delta_max: float = 0.30
+  eps: float = 1e-12
+
+  @classmethod
+  def from_mapping(cls, config: Mapping[str, Any]) -> "EBCConfig":
+    """Reads ``ebc_*`` keys; an unknown key is an error."""
+    names = {f"ebc_{f.name}": f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - set(names))
+    if unknown:
+      raise ValueError(
+          f"Unknown EBC config key(s) {unknown}; accepted keys: "
+          f"{sorted(names)}.")
+    return cls(**{names[k]: v for k, v in config.items()})
+
+  def to_mapping(self) -> dict[str, Any]:
+    return {f"ebc_{k}": v for k, v in dataclasses.asdict(self).items()}
+
+  @classmethod
+  def from_json(cls, path: str) -> "EBCConfig":
+    with open(path, encoding="utf-8") as f:
+      return cls.from_mapping(json.load(f))
+
+
+def from_config(
+    config: Mapping[str, Any] | EBCConfig,
+    logits_fn: Callable[[Any, Any], jax.Array],
+    *,
+    layer_labels: _layers.LayerLabelsFn | None = None,
+    axis_name: _logits.AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Builds :func:`ellipsotope_budget_clip` from ``ebc_*`` config keys.
+
+  Missing keys take the defaults of :class:`EBCConfig` (the values in
+  ``configs/ebc_default.json``). With ``ebc_enable: false`` the result is an
+  identity transformation that accepts (and ignores) ``batch``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> tx = from_config({"ebc_target_kl": 0.1, "ebc_aggregate": "l2"},
+    ...                  lambda p, x: x @ p)
+    >>> from_config({"ebc_target": 0.1}, lambda p, x: x @ p)
+    Traceback (most recent call last):
+    ...
+    ValueError: Unknown EBC config key(s) ['ebc_target']; ...
+  """
+  cfg = config if isinstance(config, EBCConfig) else EBCConfig.from_mapping(config)
+  if not cfg.enable:
+    return optax.with_extra_args_support(optax.identity())
+  if cfg.controller not in ("pi", "none"):
+    raise ValueError(
+        f"ebc_controller must be one of ('pi', 'none'); got {cfg.controller!r}.")
+  controller = None
+  if cfg.controller == "pi":
+    controller = _controller.pi_controller(
+        kp=cfg.pi_kp, ki=cfg.pi_ki, half_life=cfg.pi_half_life,
+        delta_min=cfg.pi_delta_min, delta_max=cfg.pi_delta_max)
+  return _transform.ellipsotope_budget_clip(
+      logits_fn, cfg.target_kl,
+      update_every=cfg.update_every, probe_layers=cfg.probe_layers,
+      full_sweep_every=cfg.full_sweep_every, beta_ema=cfg.beta_ema,
+      safety=cfg.safety, aggregate=cfg.aggregate,
+      center_logits=cfg.center_logits,
+      include_embed_out=cfg.include_embed_out, sensitivity=cfg.sensitivity,
+      huber_ratio=cfg.huber_ratio, fd_step=cfg.fd_step,
+      probe_batch_size=cfg.probe_batch_size, controller=controller,
+      guard=cfg.guard, probe_every=cfg.probe_every,
+      layer_labels=layer_labels, axis_name=axis_name, eps=cfg.eps)

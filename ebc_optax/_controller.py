@@ -1,0 +1,163 @@
+"""Controllers for the KL target ``δ``, fed by the applied-KL probe.
+
+A controller is a pair of pure functions (:class:`KLController`):
+
+* ``init(target_kl) -> (state, δ0)``;
+* ``update(state, measurement, δ, target_kl) -> (state, δ_new)``, called on
+  every probe step with a :class:`ProbeMeasurement`.
+
+The δ in use lives in :class:`~ebc_optax.BudgetClipState`; the controller only
+proposes the next one. Swap in your own controller by building a
+:class:`KLController` and passing it as ``controller=``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ebc_optax import _validation
+
+
+class ProbeMeasurement(NamedTuple):
+  """What a probe measured for the step it ran on (all float32 scalars).
+
+  Attributes:
+    applied_kl: mean per-token ``KL(p(W) ‖ p(W + cΔW))`` on the probe batch.
+    applied_change: per-token RMS of the centered applied logit change ``T``.
+    clip_scale: the ``c`` applied at this step.
+    surrogate: the surrogate ``S`` of this step (per-token units).
+    guard_ratio: ``ρ = T / max(c·S, ε)``.
+    interval: steps between probes (static int).
+  """
+  applied_kl: jax.Array
+  applied_change: jax.Array
+  clip_scale: jax.Array
+  surrogate: jax.Array
+  guard_ratio: jax.Array
+  interval: int
+
+
+class KLController(NamedTuple):
+  init: Callable[[jax.Array], tuple[Any, jax.Array]]
+  update: Callable[[Any, ProbeMeasurement, jax.Array, jax.Array],
+                   tuple[Any, jax.Array]]
+
+
+class PIControllerState(NamedTuple):
+  """State of :func:`pi_controller`.
+
+  Attributes:
+    kl_error_ema: float32, EMA of the log-error ``log δ* − log KL``.
+    controller_updates: int32, probes the controller acted on.
+  """
+  kl_error_ema: jax.Array
+  controller_updates: jax.Array
+
+
+def pi_log_error(target_kl: jax.Array, applied_kl: jax.Array,
+                 max_log_error: float) -> jax.Array:
+  """``clip(log δ* − log max(KL, tiny), ±max_log_error)`` (float32)."""
+  tiny = jnp.finfo(jnp.float32).tiny
+  err = (jnp.log(jnp.asarray(target_kl, jnp.float32))
+         - jnp.log(jnp.maximum(jnp.asarray(applied_kl, jnp.float32), tiny)))
+  return jnp.clip(err, -max_log_error, max_log_error)
+
+
+def pi_step(log_delta: jax.Array, error: jax.Array, error_ema: jax.Array,
+            *, kp: float, ki: float, ema_decay: jax.Array,
+            log_delta_min: float, log_delta_max: float
+            ) -> tuple[jax.Array, jax.Array]:
+  """One PI step in log space: returns ``(log δ_new, ema_new)``.
+
+  ``ema_new = a·ema + (1 − a)·e``;
+  ``log δ_new = clip(log δ + k_p e + k_i ema_new, log δ_min, log δ_max)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> ld, ema = pi_step(jnp.float32(0.), jnp.float32(1.), jnp.float32(0.),
+    ...                   kp=0.1, ki=0.5, ema_decay=0.5, log_delta_min=-5.,
+    ...                   log_delta_max=5.)
+    >>> round(float(ld), 4), float(ema)
+    (0.35, 0.5)
+  """
+  ema = ema_decay * error_ema + (1.0 - ema_decay) * error
+  new = jnp.clip(log_delta + kp * error + ki * ema, log_delta_min, log_delta_max)
+  return new, ema
+
+
+def pi_controller(
+    *,
+    kp: float = 0.15,
+    ki: float = 0.02,
+    half_life: float = 250.0,
+    delta_min: float = 0.01,
+    delta_max: float = 0.30,
+    max_log_error: float = math.log(10.0),
+) -> KLController:
+  r"""The seeds' PI controller on the applied per-token KL, in log space.
+
+  .. math::
+    e = \log\delta^* - \log \widehat{\mathrm{KL}},\quad
+    \log\delta \leftarrow \mathrm{clip}\big(\log\delta + k_p e + k_i\,
+    \mathrm{EMA}_{h}(e),\ \log\delta_{\min}, \log\delta_{\max}\big)
+
+  The error is the log-ratio of target to measured KL (not the difference in
+  nats the seed's pseudocode writes): the gains then do not depend on the scale
+  of ``δ*``, and with ``k_p = 0.15`` a 2× miss moves ``δ`` by ~10% per probe.
+  It is clipped to ``±max_log_error``. The EMA has half-life ``half_life``
+  *steps* (its per-probe decay is ``0.5 ** (interval / half_life)``).
+  Anti-windup: while the clip is inactive (``c = 1``) a larger ``δ`` cannot
+  change the step, so the controller does not grow ``δ`` (nor its integral)
+  then; it still shrinks it.
+
+  Args:
+    kp: proportional gain (>= 0).
+    ki: gain on the error EMA (>= 0).
+    half_life: EMA half-life in steps (> 0).
+    delta_min: lower clamp on ``δ`` (> 0).
+    delta_max: upper clamp on ``δ`` (> ``delta_min``).
+    max_log_error: clip on the log error (> 0).
+
+  Returns:
+    A :class:`KLController`.
+  """
+  _validation.check_number("kp", kp, lo=0)
+  _validation.check_number("ki", ki, lo=0)
+  _validation.check_number("half_life", half_life, lo=0, lo_open=True)
+  _validation.check_number("delta_min", delta_min, lo=0, lo_open=True)
+  _validation.check_number("delta_max", delta_max, lo=0, lo_open=True)
+  _validation.check_number("max_log_error", max_log_error, lo=0, lo_open=True)
+  if (_validation._concrete(delta_min) is not None
+      and _validation._concrete(delta_max) is not None
+      and not delta_min < delta_max):
+    raise ValueError(
+        f"delta_max must be > delta_min; got delta_min={delta_min}, "
+        f"delta_max={delta_max}.")
+  log_min, log_max = jnp.log(delta_min), jnp.log(delta_max)
+
+  def init(target_kl):
+    delta0 = jnp.clip(jnp.asarray(target_kl, jnp.float32), delta_min, delta_max)
+    return PIControllerState(kl_error_ema=jnp.zeros([], jnp.float32),
+                             controller_updates=jnp.zeros([], jnp.int32)), delta0
+
+  def update(state, measurement, delta, target_kl):
+    err = pi_log_error(target_kl, measurement.applied_kl, max_log_error)
+    decay = 0.5 ** (measurement.interval / half_life)
+    log_delta, ema = pi_step(
+        jnp.log(jnp.asarray(delta, jnp.float32)), err, state.kl_error_ema,
+        kp=kp, ki=ki, ema_decay=jnp.float32(decay), log_delta_min=log_min,
+        log_delta_max=log_max)
+    frozen = jnp.logical_and(measurement.clip_scale >= 1.0, err > 0)
+    new_delta = jnp.where(frozen, jnp.clip(delta, delta_min, delta_max),
+                          jnp.exp(log_delta)).astype(jnp.float32)
+    new_state = PIControllerState(
+        kl_error_ema=jnp.where(frozen, state.kl_error_ema, ema).astype(jnp.float32),
+        controller_updates=state.controller_updates + 1)
+    return new_state, new_delta
+
+  return KLController(init=init, update=update)

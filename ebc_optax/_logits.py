@@ -1,0 +1,111 @@
+"""Logit-space quantities: centering, norms, KL, and the trust radius.
+
+Every norm is *per token*: a sum over tokens divided by the token count (and
+all-reduced over ``axis_name`` when given), so a number does not depend on the
+batch size. ``τ = sqrt(4 δ)`` on these per-token RMS norms is the seeds'
+``τ = sqrt(4·B·δ)`` on a batch of ``B`` tokens, divided by ``sqrt(B)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import jax
+import jax.numpy as jnp
+
+AxisName = Hashable | None
+
+
+def check_logits(logits: jax.Array, who: str = "logits_fn") -> None:
+  """Raises a clear error unless ``logits`` has shape ``[tokens..., vocab]``."""
+  shape = getattr(logits, "shape", None)
+  if shape is None or len(shape) < 2:
+    raise ValueError(
+        f"{who}(params, batch) must return logits of shape [..., vocab] with at "
+        f"least one leading token axis and a vocab axis; got shape {shape}. "
+        "For a single example add a leading axis.")
+  if shape[-1] < 2:
+    raise ValueError(
+        f"{who} returned a vocab axis of size {shape[-1]}; it must be >= 2.")
+  if not jnp.issubdtype(logits.dtype, jnp.floating):
+    raise ValueError(f"{who} must return floating-point logits; got {logits.dtype}.")
+
+
+def token_count(logits: jax.Array) -> int:
+  """Number of tokens: the product of all axes but the last (vocab) one."""
+  n = 1
+  for d in logits.shape[:-1]:
+    n *= d
+  return n
+
+
+def center_per_token(x: jax.Array) -> jax.Array:
+  """Removes the per-token mean over the vocab axis: ``x - mean(x, -1)``.
+
+  Softmax is invariant to adding a constant to a token's logits, so this is the
+  component of a logit change that can change the predictions.
+  """
+  return x - jnp.mean(x, axis=-1, keepdims=True)
+
+
+def logit_change_sq_sum(dz: jax.Array, center: bool = True) -> jax.Array:
+  """``Σ_t ‖center(dz_t)‖²`` in float32 (no per-token normalisation)."""
+  dz = dz.astype(jnp.float32)
+  if center:
+    dz = center_per_token(dz)
+  return jnp.sum(jnp.square(dz))
+
+
+def _psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
+  return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def per_token_rms_norm(dz: jax.Array, center: bool = True,
+                       axis_name: AxisName = None) -> jax.Array:
+  """``sqrt(Σ_t ‖center(dz_t)‖² / N)`` over all tokens of all replicas.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> float(per_token_rms_norm(jnp.array([[1., -1.], [2., -2.]])))  # sqrt(10/2)
+    2.236...
+  """
+  sq = _psum(logit_change_sq_sum(dz, center), axis_name)
+  n = _psum(jnp.asarray(token_count(dz), jnp.float32), axis_name)
+  return jnp.sqrt(sq / n)
+
+
+def softmax_kl_sum(z: jax.Array, z_new: jax.Array) -> jax.Array:
+  """``Σ_t KL(softmax(z_t) ‖ softmax(z_new_t))`` in float32, exact."""
+  logp = jax.nn.log_softmax(z.astype(jnp.float32), axis=-1)
+  logq = jax.nn.log_softmax(z_new.astype(jnp.float32), axis=-1)
+  kl = jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+  # KL is >= 0; rounding can give tiny negatives when z_new ≈ z.
+  return jnp.sum(jnp.maximum(kl, 0.0))
+
+
+def per_token_kl(z: jax.Array, z_new: jax.Array,
+                 axis_name: AxisName = None) -> jax.Array:
+  """Mean per-token ``KL(p(z) ‖ p(z_new))`` in nats/token, over all replicas.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> float(per_token_kl(jnp.zeros((3, 4)), jnp.zeros((3, 4))))
+    0.0
+  """
+  total = _psum(softmax_kl_sum(z, z_new), axis_name)
+  n = _psum(jnp.asarray(token_count(z), jnp.float32), axis_name)
+  return total / n
+
+
+def trust_radius(kl_target: jax.Array) -> jax.Array:
+  """Per-token logit radius ``τ = sqrt(4 δ)`` from a KL target ``δ`` (nats/token).
+
+  Uses ``KL(p(z) ‖ p(z + dz)) ≲ ¼ ‖center(dz)‖²`` (the softmax Fisher has
+  spectral norm ≤ ½), so an RMS per-token centered change of ``τ`` keeps the
+  mean KL at most ``δ`` to second order.
+
+  Example:
+    >>> float(trust_radius(0.25))
+    1.0
+  """
+  return jnp.sqrt(4.0 * jnp.asarray(kl_target, jnp.float32))

@@ -1,0 +1,146 @@
+"""``ellipsotope_budget_clip``: the standard composition of the EBC pieces."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+from ebc_optax import _clip
+from ebc_optax import _controller
+from ebc_optax import _layers
+from ebc_optax import _logits
+from ebc_optax import _probe
+from ebc_optax import _safety
+from ebc_optax import _sensitivity
+from ebc_optax import _validation
+
+CONTROLLERS = (None, "pi")
+
+
+def ellipsotope_budget_clip(
+    logits_fn: Callable[[Any, Any], jax.Array],
+    target_kl: float = 0.05,
+    *,
+    update_every: int = 20,
+    probe_layers: int = 2,
+    full_sweep_every: int | None = 200,
+    beta_ema: float = 0.9,
+    safety: float = 1.05,
+    aggregate: str = "l1",
+    center_logits: bool = True,
+    include_embed_out: bool = False,
+    sensitivity: str = "jvp",
+    huber_ratio: float = 4.0,
+    fd_step: float = 1e-2,
+    probe_batch_size: int | None = None,
+    controller: str | _controller.KLController | None = "pi",
+    guard: bool = True,
+    probe_every: int = 20,
+    layer_labels: _layers.LayerLabelsFn | None = None,
+    axis_name: _logits.AxisName = None,
+    eps: float = 1e-12,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Ellipsotope-Budgeted Clipping: a trust region on the change of the logits.
+
+  For the proposed update ``ΔW`` (e.g. from ``optax.adam``) grouped into
+  layers ``ℓ``, with per-token sensitivities ``β_ℓ = ‖center(J_ℓ U_ℓ)‖/√N``
+  along ``U_ℓ = ΔW_ℓ/‖ΔW_ℓ‖``:
+
+  .. math::
+    S = \sum_\ell \beta_\ell \lVert\Delta W_\ell\rVert, \qquad
+    \tau = \sqrt{4\delta}, \qquad
+    \Delta W \leftarrow \min\!\big(1, \tau/\max(S,\epsilon)\big)\,\Delta W .
+
+  ``S`` bounds the per-token RMS of the linearised centered logit change, and
+  ``KL ≲ ¼‖center(dz)‖²``, so the clipped step keeps the mean per-token KL at
+  most ``δ`` (to second order). Per-token normalisation makes ``τ`` and ``S``
+  independent of the batch size: the seeds' ``τ = sqrt(4Bδ)`` over ``B``
+  tokens is ours times ``√B`` (``c`` is identical).
+
+  Composition (data flows by wrapping, as in ``optax.inject_hyperparams``)::
+
+    skip_nonfinite(                       # zero step + count if anything is NaN/Inf
+      kl_probe(                           # every probe_every steps: applied KL, T, ρ
+        budget_clip(                      # β refresh, S, c = min(1, τ/S), scale
+          sensitivity_estimator(...)),    # round-robin JVP/FD, Huber + EMA, safety
+        controller=pi_controller(),       # writes δ into budget_clip's state
+        guard=True))                      # writes min(1, 1/ρ) into its state
+
+  Args:
+    logits_fn: ``(params, batch) -> logits`` of shape ``[..., vocab]``; every
+      leading axis counts as a token.
+    target_kl: ``δ*`` in nats/token (> 0): the applied-KL target of the
+      controller, or the fixed ``δ`` when ``controller=None``.
+    update_every: steps between round-robin ``β`` refreshes (>= 1).
+    probe_layers: layers per refresh (>= 1).
+    full_sweep_every: steps between full ``β`` sweeps (>= 0; 0/None: only the
+      first update and never-measured layers).
+    beta_ema: ``β`` EMA decay in ``[0, 1)``.
+    safety: multiplier on ``β`` (> 0).
+    aggregate: ``"l1"`` (``Σ s_ℓ``) or ``"l2"`` (``√L·‖s‖₂``).
+    center_logits: center logit changes per token (``β``, ``S``, ``T``).
+    include_embed_out: keep embedding/output-head groups in the budget.
+    sensitivity: ``"jvp"`` or ``"fd"``.
+    huber_ratio: a fresh ``β`` estimate is clipped to within this factor of
+      its EMA (>= 1).
+    fd_step: relative finite-difference step (> 0).
+    probe_batch_size: use the first N rows of ``batch`` for ``β`` and the
+      probe (None: all rows). Under ``pmap`` this is per replica.
+    controller: ``"pi"`` (:func:`pi_controller` with the seeds' gains), a
+      :class:`KLController`, or None (fixed ``δ``).
+    guard: shrink-only guard on the applied change.
+    probe_every: steps between applied-KL probes (>= 0; 0 disables them, and
+      with them the controller and the guard).
+    layer_labels: ``params -> pytree of str`` overriding
+      :func:`default_layer_labels`.
+    axis_name: ``pmap``/``shard_map`` axis name; the JVP norms, the probe's
+      KL and ``T`` are all-reduced so every replica applies the same ``c``.
+      Not needed under ``jax.jit`` with a sharded batch.
+    eps: floor on ``S`` and ``c·S``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``. ``update(updates, state,
+    params, batch=batch)`` requires ``params`` and ``batch``; read its
+    numbers with :func:`telemetry`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, ebc_optax
+    >>> def logits_fn(p, x):
+    ...   return jnp.tanh(x @ p["hidden"]) @ p["readout_w"]
+    >>> params = {"hidden": jnp.eye(3), "readout_w": jnp.ones((3, 5))}
+    >>> tx = optax.chain(optax.adam(1e-1),
+    ...                  ebc_optax.ellipsotope_budget_clip(logits_fn, 0.01))
+    >>> state = tx.init(params)
+    >>> x = jnp.arange(6.).reshape(2, 3)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params, batch=x)
+    >>> stats = ebc_optax.telemetry(state)
+    >>> bool(stats["c"] <= 1.0), stats["beta"].shape
+    (True, (1,))
+
+  References:
+    The method: ``Ellipsotope-Budgeted Clipping`` (this project's seed
+    documents); the softmax Fisher bound ``KL ≤ ¼‖center(dz)‖²``.
+  """
+  _validation.check_choice(
+      "controller", controller if not isinstance(
+          controller, _controller.KLController) else "pi", CONTROLLERS)
+  if isinstance(controller, str):
+    controller = _controller.pi_controller()
+  estimator = _sensitivity.sensitivity_estimator(
+      logits_fn, sensitivity=sensitivity, update_every=update_every,
+      probe_layers=probe_layers, full_sweep_every=full_sweep_every,
+      beta_ema=beta_ema, huber_ratio=huber_ratio, safety=safety,
+      center_logits=center_logits, fd_step=fd_step, axis_name=axis_name)
+  clip = _clip.budget_clip(
+      estimator, target_kl=target_kl, aggregate=aggregate,
+      layer_labels=layer_labels, include_embed_out=include_embed_out,
+      probe_batch_size=probe_batch_size, eps=eps)
+  probed = _probe.kl_probe(
+      clip, logits_fn, target_kl=target_kl, controller=controller,
+      guard=guard, probe_every=probe_every, probe_batch_size=probe_batch_size,
+      center_logits=center_logits, axis_name=axis_name, eps=eps)
+  return _safety.skip_nonfinite(probed)

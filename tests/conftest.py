@@ -1,0 +1,75 @@
+"""Test setup: 8 simulated CPU devices, and a tiny GPT-like model to test on."""
+
+import os
+
+# Must happen before jax is imported anywhere.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def tiny_logits_fn(params, tokens):
+  """A 2-block residual tanh 'transformer' with embed / lm_head: [B, T] -> [B, T, V]."""
+  h = params["embed"][tokens]
+  for block in params["blocks"]:
+    h = h + jnp.tanh(h @ block["w"] + block["b"])
+  return h @ params["lm_head"]
+
+
+def tiny_params(key, vocab=11, width=6, num_blocks=2, dtype=jnp.float32):
+  keys = jax.random.split(key, num_blocks + 2)
+  return {
+      "embed": (jax.random.normal(keys[0], (vocab, width))).astype(dtype),
+      "blocks": [
+          {"w": (0.6 * jax.random.normal(keys[1 + i], (width, width))).astype(dtype),
+           "b": jnp.zeros((width,), dtype)}
+          for i in range(num_blocks)],
+      "lm_head": (jax.random.normal(keys[-1], (width, vocab)) / width**0.5).astype(dtype),
+  }
+
+
+def tiny_batch(key, batch=8, seq=5, vocab=11):
+  return jax.random.randint(key, (batch, seq), 0, vocab)
+
+
+def next_token_loss(params, tokens):
+  logits = tiny_logits_fn(params, tokens)[:, :-1].astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits)
+  return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+
+
+@pytest.fixture
+def tiny():
+  """(logits_fn, params, batch, loss_fn) on vocab 11, 2 blocks."""
+  params = tiny_params(jax.random.PRNGKey(0))
+  batch = tiny_batch(jax.random.PRNGKey(1))
+  return tiny_logits_fn, params, batch, next_token_loss
+
+
+# --- brute-force references shared by the math tests -------------------------
+
+def np_center(x):
+  """Per-token centering in float64 numpy."""
+  import numpy as np
+  x = np.asarray(x, np.float64)
+  return x - x.mean(-1, keepdims=True)
+
+
+def block_jacobian(logits_fn, params, batch, i):
+  """[N*V, P] float64 Jacobian of the flattened logits w.r.t. block ``i``."""
+  import numpy as np
+  from jax.flatten_util import ravel_pytree
+  flat, unravel = ravel_pytree(params["blocks"][i])
+
+  def f(theta):
+    blocks = list(params["blocks"])
+    blocks[i] = unravel(theta)
+    return logits_fn({**params, "blocks": blocks}, batch).reshape(-1)
+
+  return np.asarray(jax.jacfwd(f)(flat), np.float64)

@@ -40,9 +40,24 @@ def _single_device_run(params, batch):
   return params, ebc_optax.telemetry(state)
 
 
-def test_pmap_matches_single_device(setup):
+def _assert_matches(params, stats, reference):
+  ref_params, ref_stats = reference
+  chex.assert_trees_all_close(params, ref_params, rtol=2e-5, atol=2e-6)
+  for key in ("c", "S", "tau", "delta", "applied_kl", "rho", "beta"):
+    # KL of a small step cancels in float32: allow for the reduction order.
+    np.testing.assert_allclose(stats[key], ref_stats[key],
+                               rtol=1e-4 if key == "applied_kl" else 2e-5,
+                               err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+  return _single_device_run(*setup)
+
+
+def test_pmap_matches_single_device(setup, reference):
   params, batch = setup
-  ref_params, ref_stats = _single_device_run(params, batch)
+  ref_params, ref_stats = reference
   assert float(ref_stats["c"]) < 1.0  # the clip is active: a meaningful check
 
   tx = optax.chain(
@@ -69,17 +84,12 @@ def test_pmap_matches_single_device(setup):
     np.testing.assert_array_equal(stats[key], np.broadcast_to(stats[key][0],
                                                               stats[key].shape))
   # ... and equal to one device on the concatenated batch.
-  chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], replicated),
-                              ref_params, rtol=2e-5, atol=2e-6)
-  for key in ("c", "S", "tau", "delta", "applied_kl", "rho", "beta"):
-    np.testing.assert_allclose(stats[key][0], ref_stats[key],
-                               rtol=1e-4 if key == "applied_kl" else 2e-5,
-                               err_msg=key)
+  _assert_matches(jax.tree.map(lambda x: x[0], replicated),
+                  jax.tree.map(lambda x: x[0], stats), reference)
 
 
-def test_sharded_jit_over_mesh_matches_single_device(setup):
+def test_sharded_jit_over_mesh_matches_single_device(setup, reference):
   params, batch = setup
-  ref_params, ref_stats = _single_device_run(params, batch)
 
   mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
   batch_sharded = jax.device_put(batch, NamedSharding(mesh, P("data")))
@@ -98,10 +108,25 @@ def test_sharded_jit_over_mesh_matches_single_device(setup):
   for _ in range(STEPS):
     params, state = step(params, state, batch_sharded)
   assert step._cache_size() == 1
-  stats = ebc_optax.telemetry(state)
-  chex.assert_trees_all_close(params, ref_params, rtol=2e-5, atol=2e-6)
-  for key in ("c", "S", "tau", "delta", "applied_kl", "rho", "beta"):
-    # KL of a small step cancels in float32: allow for the reduction order.
-    np.testing.assert_allclose(stats[key], ref_stats[key],
-                               rtol=1e-4 if key == "applied_kl" else 2e-5,
-                               err_msg=key)
+  _assert_matches(params, ebc_optax.telemetry(state), reference)
+
+
+def test_shard_map_with_axis_name_matches_single_device(setup, reference):
+  params, batch = setup
+  mesh = Mesh(np.array(jax.devices()[:8]), ("dp",))
+  tx = optax.chain(
+      optax.adam(5e-2),
+      ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, axis_name="dp", **KW))
+
+  def local_step(params, state, batch):
+    grads = jax.lax.pmean(jax.grad(next_token_loss)(params, batch), "dp")
+    updates, state = tx.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(jax.shard_map(local_step, mesh=mesh,
+                               in_specs=(P(), P(), P("dp")),
+                               out_specs=(P(), P())))
+  state = tx.init(params)
+  for _ in range(STEPS):
+    params, state = step(params, state, batch)
+  _assert_matches(params, ebc_optax.telemetry(state), reference)

@@ -1,0 +1,1 @@
+"""The experiment harness: config, data, model, trainer, sweeps (optional extra)."""

@@ -1,0 +1,202 @@
+"""One typed config tree for a run; JSON files and ``--set`` only override it.
+
+Every default lives in these dataclasses. A JSON file (``configs/*.json``) is a
+nested mapping with the same sections (``model``, ``data``, ``optim``, ``ebc``,
+``train``, ``log``); ``--set section.key=value`` overrides one value (parsed as
+JSON when it parses, else taken as a string). An unknown section or key is an
+error. The resolved config is written to every run directory as
+``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ebc_optax import _config as ebc_config
+
+DTYPES = ("float32", "bfloat16")
+DATASETS = ("markov", "shakespeare", "text")
+OPTIMIZERS = ("adam", "muon", "sgd")
+CLIPS = ("none", "global", "ebc")
+SPECTRAL = ("none", "spec_normalize", "hard_cap", "spec_hammer")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The causal GPT."""
+  num_blocks: int = 3
+  d_embed: int = 128
+  num_heads: int = 4
+  seq_len: int = 256
+  positions: str = "rope"  # or "learned"
+  param_dtype: str = "float32"  # or "bfloat16" (logits and statistics stay f32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where tokens come from: the offline Markov language, Shakespeare, or a file."""
+  dataset: str = "markov"
+  path: str | None = None  # for dataset="text" (--data-path)
+  cache_dir: str | None = None  # shakespeare download cache
+  val_fraction: float = 0.1
+  markov_seed: int = 0
+  markov_vocab: int = 32
+  markov_support: int = 4
+  markov_train_tokens: int = 200_000
+  markov_val_tokens: int = 20_000
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Base optimizer, clipping arm, weight decay and weight constraint."""
+  optimizer: str = "adam"
+  lr: float = 2e-3
+  lr_scale: float = 1.0  # the LR used is lr * lr_scale
+  b1: float = 0.9
+  b2: float = 0.999
+  weight_decay: float = 0.0  # decoupled, applied after the clip
+  clip: str = "none"  # "none" | "global" | "ebc"
+  global_clip_norm: float = 1.0
+  spectral: str = "none"
+  w_max: float = 1.0
+  spectral_method: str = "power"  # or "svd"
+  spectral_iters: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The training loop."""
+  steps: int = 2000
+  batch_size: int = 64
+  seed: int = 0
+  eval_interval: int = 200
+  eval_batches: int = 8
+  checkpoint_every: int = 0  # 0: only at the end
+  diverge_loss: float = 20.0  # a train loss above this (or NaN/inf) stops the run
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+  """Logging."""
+  log_interval: int = 20
+  progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """A whole run. ``ebc`` uses the fields of :class:`ebc_optax.EBCConfig`."""
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  optim: OptimConfig = OptimConfig()
+  ebc: ebc_config.EBCConfig = ebc_config.EBCConfig()
+  train: TrainConfig = TrainConfig()
+  log: LogConfig = LogConfig()
+
+  @property
+  def lr(self) -> float:
+    return self.optim.lr * self.optim.lr_scale
+
+
+_CHOICES = {
+    ("model", "positions"): ("rope", "learned"),
+    ("model", "param_dtype"): DTYPES,
+    ("data", "dataset"): DATASETS,
+    ("optim", "optimizer"): OPTIMIZERS,
+    ("optim", "clip"): CLIPS,
+    ("optim", "spectral"): SPECTRAL,
+    ("optim", "spectral_method"): ("power", "svd"),
+}
+
+
+def _sections() -> dict[str, type]:
+  return {f.name: type(f.default) for f in dataclasses.fields(Config)}
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+  return dataclasses.asdict(cfg)
+
+
+def validate(cfg: Config) -> Config:
+  """Checks choices and basic ranges; returns ``cfg``."""
+  for (section, key), choices in _CHOICES.items():
+    value = getattr(getattr(cfg, section), key)
+    if value not in choices:
+      raise ValueError(f"{section}.{key} must be one of {choices}; got {value!r}.")
+  positive = [("model", "num_blocks"), ("model", "d_embed"), ("model", "num_heads"),
+              ("model", "seq_len"), ("optim", "lr"), ("optim", "lr_scale"),
+              ("train", "steps"), ("train", "batch_size"), ("train", "eval_batches"),
+              ("log", "log_interval"), ("train", "eval_interval")]
+  for section, key in positive:
+    value = getattr(getattr(cfg, section), key)
+    if not value > 0:
+      raise ValueError(f"{section}.{key} must be > 0; got {value!r}.")
+  if cfg.optim.clip == "ebc" and not cfg.ebc.enable:
+    raise ValueError("optim.clip='ebc' contradicts ebc.enable=false; the EBC "
+                     "arm is chosen with optim.clip.")
+  if cfg.data.dataset == "text" and not cfg.data.path:
+    raise ValueError("data.path (--data-path) is required for data.dataset='text'.")
+  return cfg
+
+
+def merge(cfg: Config, overrides: Mapping[str, Any]) -> Config:
+  """Returns ``cfg`` with a nested mapping of overrides applied.
+
+  Raises:
+    ValueError: on an unknown section or key.
+  """
+  sections = _sections()
+  updates = {}
+  for section, values in overrides.items():
+    if section not in sections:
+      raise ValueError(f"Unknown config section {section!r}; sections: "
+                       f"{sorted(sections)}.")
+    if not isinstance(values, Mapping):
+      raise ValueError(f"Config section {section!r} must be a mapping; got {values!r}.")
+    current = getattr(cfg, section)
+    names = {f.name for f in dataclasses.fields(current)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ValueError(f"Unknown key(s) {unknown} in config section {section!r}; "
+                       f"accepted: {sorted(names)}.")
+    updates[section] = dataclasses.replace(current, **values)
+  return dataclasses.replace(cfg, **updates)
+
+
+def parse_set(assignments: Iterable[str]) -> dict[str, dict[str, Any]]:
+  """``["optim.lr=1e-3", "model.positions=learned"]`` -> nested overrides."""
+  out: dict[str, dict[str, Any]] = {}
+  for item in assignments:
+    key, sep, raw = item.partition("=")
+    section, dot, name = key.partition(".")
+    if not sep or not dot or not name:
+      raise ValueError(f"--set expects section.key=value; got {item!r}.")
+    try:
+      value = json.loads(raw)
+    except json.JSONDecodeError:
+      value = raw
+    out.setdefault(section, {})[name] = value
+  return out
+
+
+def load(path: str | pathlib.Path | None = None,
+         sets: Iterable[str] = ()) -> Config:
+  """Defaults, then the JSON file at ``path`` (if any), then ``--set`` items."""
+  cfg = Config()
+  if path is not None:
+    with open(path, encoding="utf-8") as f:
+      cfg = merge(cfg, json.load(f))
+  return validate(merge(cfg, parse_set(sets)))
+
+
+def save(cfg: Config, path: str | pathlib.Path) -> None:
+  pathlib.Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n",
+                                encoding="utf-8")
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+  """Inverse of :func:`to_dict` (a saved ``config.json``)."""
+  return validate(merge(Config(), data))

@@ -1,0 +1,217 @@
+"""The seeds' runners: ``ablate``, ``shakespeare-ablation`` and ``autopilot``.
+
+Every run of a sweep lives in its own directory under the sweep directory; a
+run whose ``summary.json`` exists is not run again, so a killed sweep resumes
+where it stopped (an interrupted run resumes from its last checkpoint).
+CSV/JSON tables and figures are derived from the run directories.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import pathlib
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ebc_optax.experiments import config as config_lib
+from ebc_optax.experiments import plots
+from ebc_optax.experiments import train as train_lib
+
+SUMMARY_COLUMNS = (
+    "run", "optimizer", "spectral", "ebc", "delta", "aggregate", "controller",
+    "lr", "lr_scale", "seed", "status", "diverged", "steps", "val_loss",
+    "val_acc", "val_ppl", "final_train_loss", "wall_s", "tokens_per_s",
+    "accept_rate", "avg_c", "c_p10", "c_p50", "c_p90", "eta_eff_mean",
+    "target_kl", "applied_kl_mean", "applied_kl_over_target_median",
+    "applied_kl_within_30pct", "probe_fraction")
+SPECTRAL_ALIASES = {"spec": "spec_normalize", "none": "none",
+                    "spec_normalize": "spec_normalize", "hard_cap": "hard_cap",
+                    "spec_hammer": "spec_hammer"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One run of a sweep: a config plus the labels of the table row."""
+  name: str
+  cfg: config_lib.Config
+  labels: dict[str, Any]
+
+
+def with_values(cfg: config_lib.Config, **sections: dict[str, Any]) -> config_lib.Config:
+  return config_lib.validate(config_lib.merge(cfg, sections))
+
+
+def run_arms(arms: Sequence[Arm], out_dir: pathlib.Path, *,
+             progress: bool = True) -> list[dict[str, Any]]:
+  """Runs (or skips, when finished) every arm; returns table rows in order."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  dataset = None
+  rows = []
+  for i, arm in enumerate(arms):
+    run_dir = out_dir / arm.name
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+      summary = json.loads(summary_path.read_text())
+    else:
+      if dataset is None or dataset.name != arm.cfg.data.dataset:
+        dataset = train_lib.load_dataset(arm.cfg)
+      cfg = dataclasses.replace(
+          arm.cfg, log=dataclasses.replace(arm.cfg.log, progress=progress))
+      summary = train_lib.train(cfg, run_dir, resume=True, dataset=dataset,
+                                progress_prefix=f"[{i + 1}/{len(arms)}] {arm.name} ")
+    rows.append({"run": arm.name, **arm.labels, **summary})
+  return rows
+
+
+def write_tables(rows: Sequence[dict[str, Any]], out_dir: pathlib.Path,
+                 stem: str = "summary", results_stem: str = "results") -> None:
+  with open(out_dir / f"{stem}.csv", "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, SUMMARY_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+  (out_dir / f"{results_stem}.json").write_text(json.dumps(list(rows), indent=2) + "\n")
+
+
+def _split(text: str) -> list[str]:
+  return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _fmt(x: float) -> str:
+  return f"{x:g}"
+
+
+# --- ablate --------------------------------------------------------------------
+
+ABLATE_BASE = {
+    "model": {"num_blocks": 2, "d_embed": 64, "num_heads": 4, "seq_len": 64},
+    "data": {"dataset": "markov", "markov_train_tokens": 100_000,
+             "markov_val_tokens": 10_000},
+    "optim": {"lr": 3e-3},
+    "train": {"steps": 150, "batch_size": 16, "eval_interval": 150,
+              "eval_batches": 4},
+    "log": {"log_interval": 50},
+}
+ABLATE_HEADER = ("optimizer,ebc,spectral,final_loss,final_acc,ebc_c,"
+                 "entropy_floor,loss_minus_floor,avg_c,wall_s")
+
+
+def ablate(out_dir: pathlib.Path, *, steps: int | None = None,
+           sets: Iterable[str] = (), progress: bool = False,
+           echo=print) -> list[dict[str, Any]]:
+  """adam/muon × EBC off/on × spectral none/spec on the offline Markov language.
+
+  Prints the reference header ``optimizer,ebc,spectral,final_loss,final_acc,
+  ebc_c`` plus our columns, one line per run (``final_*`` are validation
+  numbers at the end; ``ebc_c`` is the last step's c, ``avg_c`` the mean).
+  """
+  base = config_lib.merge(config_lib.Config(), ABLATE_BASE)
+  if steps is not None:
+    base = with_values(base, train={"steps": steps, "eval_interval": steps})
+  base = config_lib.validate(config_lib.merge(base, config_lib.parse_set(sets)))
+  echo(ABLATE_HEADER)
+  rows = []
+  for opt, ebc, spec in itertools.product(("adam", "muon"), (0, 1), ("none", "spec")):
+    cfg = with_values(base, optim={"optimizer": opt, "clip": "ebc" if ebc else "none",
+                                   "spectral": SPECTRAL_ALIASES[spec]})
+    arm = Arm(f"{opt}_ebc{ebc}_{spec}", cfg, {})
+    t0 = time.perf_counter()
+    row = run_arms([arm], out_dir, progress=progress)[0]
+    last_c = _last_metric(out_dir / arm.name, "c")
+    floor = row.get("entropy_floor")
+    loss = row["val_loss"]
+    gap = (loss - floor) if loss is not None and floor is not None else None
+    echo(",".join(str(v) for v in (
+        opt, ebc, spec, _num(loss), _num(row["val_acc"]),
+        _num(last_c if ebc else 1.0), _num(floor), _num(gap),
+        _num(row["avg_c"]), f"{time.perf_counter() - t0:.1f}")))
+    rows.append(row)
+  return rows
+
+
+def _num(x: Any) -> str:
+  return "nan" if x is None else f"{x:.4f}"
+
+
+def _last_metric(run_dir: pathlib.Path, key: str) -> float | None:
+  path = run_dir / "metrics.jsonl"
+  if not path.exists():
+    return None
+  for line in reversed(path.read_text().splitlines()):
+    record = json.loads(line)
+    if key in record:
+      return record[key]
+  return None
+
+
+# --- shakespeare-ablation --------------------------------------------------------
+
+def shakespeare_arms(
+    base: config_lib.Config, *, optimizers: Sequence[str], spectral: Sequence[str],
+    ebc: Sequence[str], deltas: Sequence[float], aggregates: Sequence[str],
+    lrs: Sequence[float], lr_scales: Sequence[float], seeds: Sequence[int],
+    controller: str) -> list[Arm]:
+  """The grid of the reference runner; names follow its figure names."""
+  arms = []
+  multi = {"lr": len(lrs) > 1, "scale": len(lr_scales) > 1, "seed": len(seeds) > 1}
+  for opt, spec, lr, scale, seed in itertools.product(
+      optimizers, spectral, lrs, lr_scales, seeds):
+    if spec not in SPECTRAL_ALIASES:
+      raise ValueError(f"--spectral values must be in {sorted(SPECTRAL_ALIASES)}; "
+                       f"got {spec!r}.")
+    suffix = "".join([f"_lr{_fmt(lr)}" if multi["lr"] else "",
+                      f"_x{_fmt(scale)}" if multi["scale"] else "",
+                      f"_s{seed}" if multi["seed"] else ""])
+    common = dict(optimizer=opt, spectral=spec, lr=lr * scale, lr_scale=scale,
+                  seed=seed)
+    optim = {"optimizer": opt, "spectral": SPECTRAL_ALIASES[spec], "lr": lr,
+             "lr_scale": scale}
+    for arm in ebc:
+      if arm == "off":
+        cfg = with_values(base, optim={**optim, "clip": "none"}, train={"seed": seed})
+        arms.append(Arm(f"{opt}_{spec}_baseline{suffix}", cfg,
+                        {**common, "ebc": 0, "delta": None, "aggregate": None,
+                         "controller": None}))
+      elif arm == "on":
+        for delta, agg in itertools.product(deltas, aggregates):
+          cfg = with_values(
+              base, optim={**optim, "clip": "ebc"}, train={"seed": seed},
+              ebc={"target_kl": delta, "aggregate": agg,
+                   "controller": "pi" if controller == "on" else "none"})
+          arms.append(Arm(f"{opt}_{spec}_ebc_d{_fmt(delta)}_{agg}{suffix}", cfg,
+                          {**common, "ebc": 1, "delta": delta, "aggregate": agg,
+                           "controller": controller}))
+      else:
+        raise ValueError(f"--ebc values must be 'off' or 'on'; got {arm!r}.")
+  return arms
+
+
+def shakespeare_ablation(base: config_lib.Config, out_dir: pathlib.Path,
+                         progress: bool = True, echo=print, **grid) -> list[dict[str, Any]]:
+  arms = shakespeare_arms(base, **grid)
+  echo(f"# {len(arms)} runs -> {out_dir}")
+  rows = run_arms(arms, out_dir, progress=progress)
+  write_tables(rows, out_dir)
+  plots.sweep_figures(out_dir, [a.name for a in arms])
+  echo(render_table(rows))
+  return rows
+
+
+def render_table(rows: Sequence[dict[str, Any]]) -> str:
+  """A compact text table of the main columns."""
+  cols = ("run", "status", "val_loss", "val_ppl", "avg_c", "c_p50",
+          "accept_rate", "applied_kl_mean", "eta_eff_mean", "tokens_per_s",
+          "probe_fraction", "wall_s")
+  buf = io.StringIO()
+  buf.write(",".join(cols) + "\n")
+  for r in rows:
+    vals = []
+    for c in cols:
+      v = r.get(c)
+      vals.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+    buf.write(",".join(vals) + "\n")
+  return buf.getvalue().rstrip("\n")

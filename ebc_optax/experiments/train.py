@@ -1,0 +1,388 @@
+"""The training loop: one jitted step, metrics one step late, checkpoints.
+
+A run directory holds ``config.json`` (the resolved config), ``vocab.json``,
+``metrics.jsonl`` (append-only, one JSON object per logged step),
+``summary.json`` and ``checkpoints/<step>/`` (orbax). Batches come from
+``fold_in(key, step)``, so the data position of a run is its step and a resumed
+run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import ebc_optax
+from ebc_optax.experiments import config as config_lib
+from ebc_optax.experiments import data as data_lib
+from ebc_optax.experiments import model as model_lib
+from ebc_optax.experiments import optim as optim_lib
+from ebc_optax.experiments import spectral as spectral_lib
+
+EBC_SCALARS = ("c", "S", "tau", "delta", "applied_kl", "rho", "guard_factor",
+               "probe_count", "clipped_steps", "guard_trips", "nonfinite_skips")
+
+
+class Run(NamedTuple):
+  """Everything a run is built from (pure functions and initial values)."""
+  cfg: config_lib.Config
+  dataset: data_lib.CharDataset
+  apply_fn: Callable[[Any, Any], jax.Array]
+  params: Any
+  tx: optax.GradientTransformationExtraArgs
+  layers: tuple[str, ...]
+
+
+def load_dataset(cfg: config_lib.Config) -> data_lib.CharDataset:
+  d = cfg.data
+  if d.dataset == "shakespeare":
+    return data_lib.load_shakespeare(d.cache_dir, val_fraction=d.val_fraction)
+  if d.dataset == "text":
+    return data_lib.load_text_file(d.path, val_fraction=d.val_fraction)
+  lang = data_lib.markov_language(d.markov_seed, d.markov_vocab, d.markov_support)
+  return data_lib.markov_dataset(lang, d.markov_train_tokens, d.markov_val_tokens,
+                                 d.markov_seed)
+
+
+def build_run(cfg: config_lib.Config,
+              dataset: data_lib.CharDataset | None = None) -> Run:
+  dataset = load_dataset(cfg) if dataset is None else dataset
+  m = cfg.model
+  apply_fn, params = model_lib.init_gpt(
+      jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 0),
+      dataset.vocab_size, num_blocks=m.num_blocks, d_embed=m.d_embed,
+      num_heads=m.num_heads, seq_len=m.seq_len, positions=m.positions,
+      param_dtype=jnp.dtype(m.param_dtype))
+  tx = optim_lib.build_optimizer(cfg, apply_fn)
+  return Run(cfg, dataset, apply_fn, params, tx, ebc_optax.budget_layers(params))
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mean next-token loss (nats) and accuracy, in float32."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  loss = -jnp.mean(jnp.take_along_axis(logp, targets[..., None], -1))
+  acc = jnp.mean((jnp.argmax(logits, -1) == targets).astype(jnp.float32))
+  return loss, acc
+
+
+def make_train_step(run: Run):
+  cfg = run.cfg
+  tokens = jnp.asarray(run.dataset.train, jnp.int32)
+  data_key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 1)
+  use_ebc = cfg.optim.clip == "ebc"
+
+  def loss_fn(params, inputs, targets):
+    return cross_entropy(run.apply_fn(params, inputs), targets)
+
+  @jax.jit
+  def train_step(params, opt_state, step):
+    inputs, targets = data_lib.sample_batch(
+        tokens, data_key, step, cfg.train.batch_size, cfg.model.seq_len)
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, inputs, targets)
+    updates, opt_state = run.tx.update(grads, opt_state, params, batch=inputs)
+    params = optax.apply_updates(params, updates)
+    if cfg.optim.spectral != "none":
+      params = spectral_lib.project_params(
+          params, cfg.optim.spectral, w_max=cfg.optim.w_max,
+          method=cfg.optim.spectral_method, iters=cfg.optim.spectral_iters)
+    metrics = {"loss": loss, "acc": acc}
+    if use_ebc:
+      stats = ebc_optax.telemetry(opt_state)
+      metrics.update({k: stats[k] for k in EBC_SCALARS})
+      metrics["beta"] = stats["beta"]
+      metrics["contribution"] = stats["contribution"]
+      metrics["ebc_step"] = stats["step"]
+    return params, opt_state, metrics
+
+  return train_step
+
+
+def make_eval_fn(run: Run):
+  cfg = run.cfg
+  batches = data_lib.eval_batches(run.dataset.val, cfg.train.batch_size,
+                                  cfg.model.seq_len, cfg.train.eval_batches)
+  if not batches:
+    raise ValueError(
+        f"The validation split ({len(run.dataset.val)} tokens) is too short for "
+        f"one batch of seq_len {cfg.model.seq_len}.")
+  inputs = jnp.asarray(np.stack([b[0] for b in batches]), jnp.int32)
+  targets = jnp.asarray(np.stack([b[1] for b in batches]), jnp.int32)
+
+  @jax.jit
+  def evaluate(params):
+    losses, accs = jax.lax.map(
+        lambda xy: cross_entropy(run.apply_fn(params, xy[0]), xy[1]),
+        (inputs, targets))
+    return jnp.mean(losses), jnp.mean(accs)
+
+  return evaluate
+
+
+# --- checkpoints -------------------------------------------------------------
+
+def _checkpointer():
+  import orbax.checkpoint as ocp  # the harness's optional dependency
+  return ocp.StandardCheckpointer()
+
+
+def save_checkpoint(run_dir: pathlib.Path, step: int, params, opt_state,
+                    host_state: dict[str, Any]) -> None:
+  """Params, optimizer state (EBC's included), step, RNG seed and host stats."""
+  ckpt_dir = run_dir / "checkpoints"
+  ckpt_dir.mkdir(parents=True, exist_ok=True)
+  path = (ckpt_dir / f"{step:08d}").resolve()
+  if path.exists():
+    shutil.rmtree(path)
+  ckpt = _checkpointer()
+  ckpt.save(path, {"params": params, "opt_state": opt_state,
+                   "step": np.int64(step)})
+  ckpt.wait_until_finished()
+  (path / "host_state.json").write_text(json.dumps(host_state))
+
+
+def latest_checkpoint(run_dir: pathlib.Path) -> pathlib.Path | None:
+  ckpt_dir = run_dir / "checkpoints"
+  if not ckpt_dir.is_dir():
+    return None
+  done = sorted(p for p in ckpt_dir.iterdir()
+                if p.name.isdigit() and (p / "host_state.json").exists())
+  return done[-1] if done else None
+
+
+def restore_checkpoint(path: pathlib.Path, params, opt_state):
+  """Restores into the structure of ``(params, opt_state)``."""
+  target = {"params": params, "opt_state": opt_state, "step": np.int64(0)}
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), target)
+  restored = _checkpointer().restore(path.resolve(), abstract)
+  host_state = json.loads((path / "host_state.json").read_text())
+  return restored["params"], restored["opt_state"], int(restored["step"]), host_state
+
+
+# --- the loop ----------------------------------------------------------------
+
+def _progress(step: int, total: int, loss: float, c: float | None,
+              enabled: bool, prefix: str) -> None:
+  if not enabled:
+    return
+  width = 24
+  done = int(width * step / max(total, 1))
+  c_txt = f" c {c:.3f}" if c is not None else ""
+  sys.stderr.write(f"\r{prefix}[{'#' * done}{'.' * (width - done)}] "
+                   f"{step}/{total} loss {loss:.4f}{c_txt}   ")
+  if step >= total:
+    sys.stderr.write("\n")
+  sys.stderr.flush()
+
+
+def _finite_or_none(x: float) -> float | None:
+  return float(x) if math.isfinite(x) else None
+
+
+def _summary(cfg: config_lib.Config, host: dict[str, Any], status: str,
+             val: tuple[float, float] | None, wall: float) -> dict[str, Any]:
+  cs = np.asarray(host["c"], np.float64)
+  kls = np.asarray(host["probe_kl"], np.float64)
+  steps = int(host["steps_done"])
+  tokens = steps * cfg.train.batch_size * cfg.model.seq_len
+  out: dict[str, Any] = {
+      "status": status,
+      "diverged": status == "diverged",
+      "steps": steps,
+      "final_train_loss": _finite_or_none(host["last_loss"]),
+      "final_train_acc": _finite_or_none(host["last_acc"]),
+      "val_loss": None, "val_acc": None, "val_ppl": None,
+      "wall_s": wall,
+      "tokens_per_s": tokens / max(host["train_time"], 1e-9),
+      "lr": cfg.lr,
+  }
+  if val is not None:
+    out.update(val_loss=_finite_or_none(val[0]), val_acc=_finite_or_none(val[1]),
+               val_ppl=_finite_or_none(math.exp(min(val[0], 700.0))))
+  if cs.size:
+    out.update(
+        accept_rate=float(np.mean(cs >= 0.999)), avg_c=float(cs.mean()),
+        c_p10=float(np.quantile(cs, 0.1)), c_p50=float(np.quantile(cs, 0.5)),
+        c_p90=float(np.quantile(cs, 0.9)), eta_eff_mean=float(cs.mean() * cfg.lr),
+        probe_fraction=host.get("probe_fraction"))
+  else:
+    out.update(accept_rate=1.0, avg_c=1.0, c_p10=1.0, c_p50=1.0, c_p90=1.0,
+               eta_eff_mean=cfg.lr, probe_fraction=0.0)
+  if kls.size:
+    ratio = kls / cfg.ebc.target_kl
+    out.update(applied_kl_mean=float(kls.mean()),
+               applied_kl_over_target_median=float(np.median(ratio)),
+               applied_kl_within_30pct=float(np.mean(np.abs(ratio - 1) <= 0.3)),
+               target_kl=cfg.ebc.target_kl)
+  if cfg.data.dataset == "markov" and host.get("entropy_floor") is not None:
+    out["entropy_floor"] = host["entropy_floor"]
+  return out
+
+
+def train(
+    cfg: config_lib.Config,
+    run_dir: str | pathlib.Path,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    dataset: data_lib.CharDataset | None = None,
+    progress_prefix: str = "",
+) -> dict[str, Any]:
+  """Trains one run; returns (and writes) its summary.
+
+  Args:
+    cfg: the resolved config.
+    run_dir: where config, metrics, checkpoints and summary go.
+    resume: continue from the latest checkpoint in ``run_dir`` (if any).
+    stop_after: stop (as if killed) after this many steps, after writing a
+      checkpoint — for tests and for splitting long runs.
+    dataset: an already loaded dataset (sweeps load it once).
+    progress_prefix: text before the progress bar.
+
+  Returns:
+    The summary dict (also in ``summary.json``). A run whose train loss turns
+    NaN/inf or exceeds ``train.diverge_loss`` stops with status ``diverged``.
+  """
+  run_dir = pathlib.Path(run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  run = build_run(cfg, dataset)
+  config_lib.save(cfg, run_dir / "config.json")
+  data_lib.save_vocab(run.dataset.vocab, run_dir / "vocab.json")
+  train_step = make_train_step(run)
+  evaluate = make_eval_fn(run)
+  params, opt_state = run.params, run.tx.init(run.params)
+  use_ebc = cfg.optim.clip == "ebc"
+  host: dict[str, Any] = {
+      "c": [], "probe_kl": [], "durations": [], "cadence": [],
+      "last_loss": float("nan"), "last_acc": float("nan"), "steps_done": 0,
+      "train_time": 0.0, "entropy_floor": run.dataset.entropy_floor,
+      "layers": list(run.layers)}
+  start = 0
+  metrics_path = run_dir / "metrics.jsonl"
+  ckpt = latest_checkpoint(run_dir) if resume else None
+  if ckpt is not None:
+    params, opt_state, last, host = restore_checkpoint(ckpt, params, opt_state)
+    start = last + 1
+    if metrics_path.exists():  # drop lines logged after the checkpoint
+      keep = [l for l in metrics_path.read_text().splitlines()
+              if l and json.loads(l)["step"] <= last]
+      metrics_path.write_text("".join(k + "\n" for k in keep))
+  elif metrics_path.exists():
+    metrics_path.unlink()
+
+  steps = cfg.train.steps
+  stop_at = steps if stop_after is None else min(steps, start + stop_after)
+  status = "ok"
+  t_start = time.perf_counter()
+  t_last = t_start
+  prev: tuple[int, Any] | None = None
+  last_probe_count = host.get("last_probe_count", 0)
+  log = open(metrics_path, "a", encoding="utf-8")
+
+  def cadence_step(s: int, ebc_step: int) -> bool:
+    e = cfg.ebc
+    return use_ebc and (ebc_step % e.update_every == 0
+                        or (e.probe_every and ebc_step % e.probe_every == 0)
+                        or (e.full_sweep_every and ebc_step % e.full_sweep_every == 0))
+
+  def handle(step: int, metrics: Any) -> bool:
+    """Consumes the (now finished) metrics of ``step``; False to stop."""
+    nonlocal t_last, last_probe_count, status
+    m = jax.device_get(metrics)
+    now = time.perf_counter()
+    host["durations"].append(now - t_last)
+    host["train_time"] += now - t_last
+    t_last = now
+    loss, acc = float(m["loss"]), float(m["acc"])
+    host["last_loss"], host["last_acc"], host["steps_done"] = loss, acc, step + 1
+    c = float(m["c"]) if use_ebc else None
+    if use_ebc:
+      host["c"].append(c)
+      host["cadence"].append(cadence_step(step, int(m["ebc_step"]) - 1))
+      if int(m["probe_count"]) > last_probe_count:
+        host["probe_kl"].append(float(m["applied_kl"]))
+        last_probe_count = int(m["probe_count"])
+    diverged = not math.isfinite(loss) or loss > cfg.train.diverge_loss
+    if step % cfg.log.log_interval == 0 or step == steps - 1 or diverged:
+      record: dict[str, Any] = {"step": step, "train_loss": _finite_or_none(loss),
+                                "train_acc": acc, "lr": cfg.lr}
+      if step % cfg.train.eval_interval == 0 or step == steps - 1:
+        vl, va = (float(v) for v in evaluate(params_now[0]))
+        record.update(val_loss=_finite_or_none(vl), val_acc=va,
+                      val_ppl=_finite_or_none(math.exp(min(vl, 700.0))))
+      if use_ebc:
+        record.update({k: float(m[k]) for k in EBC_SCALARS})
+        record["eta_eff"] = c * cfg.lr
+        record["beta"] = np.asarray(m["beta"]).tolist()
+        record["contribution"] = np.asarray(m["contribution"]).tolist()
+      recent = host["durations"][-cfg.log.log_interval:]
+      record["tokens_per_s"] = (cfg.train.batch_size * cfg.model.seq_len
+                                * len(recent) / max(sum(recent), 1e-9))
+      record["probe_fraction"] = _probe_fraction(host)
+      log.write(json.dumps(record) + "\n")
+      log.flush()
+      _progress(step + 1, steps, loss, c, cfg.log.progress, progress_prefix)
+    if diverged:
+      status = "diverged"
+      return False
+    return True
+
+  params_now = [params]
+  try:
+    for step in range(start, stop_at):
+      params, opt_state, metrics = train_step(params, opt_state, jnp.int32(step))
+      if prev is not None and not handle(*prev):
+        break
+      params_now[0] = params
+      prev = (step, metrics)
+      if (cfg.train.checkpoint_every and step > start
+          and step % cfg.train.checkpoint_every == 0 and step + 1 < stop_at):
+        keep_going = handle(*prev)
+        prev = None
+        if not keep_going:
+          break
+        host["last_probe_count"] = last_probe_count
+        host["probe_fraction"] = _probe_fraction(host)
+        save_checkpoint(run_dir, step, params, opt_state, host)
+    if prev is not None and status == "ok":
+      handle(*prev)
+  finally:
+    log.close()
+  host["last_probe_count"] = last_probe_count
+  host["probe_fraction"] = _probe_fraction(host)
+  wall = time.perf_counter() - t_start
+  if status == "ok":
+    last_step = host["steps_done"] - 1
+    save_checkpoint(run_dir, last_step, params, opt_state, host)
+    if stop_at < steps:
+      return {"status": "stopped", "steps": host["steps_done"]}
+  val = tuple(float(v) for v in evaluate(params)) if status == "ok" else None
+  summary = _summary(cfg, host, status, val, wall)
+  (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  return summary
+
+
+def _probe_fraction(host: dict[str, Any]) -> float:
+  """Share of train time spent in EBC's β refreshes and probes.
+
+  Estimated from per-step wall times (measured one step late): the excess of
+  steps that ran a refresh or probe over the median of the steps that did not.
+  """
+  d = np.asarray(host["durations"][1:], np.float64)  # skip the compile step
+  flags = np.asarray(host["cadence"][1:], bool)
+  if d.size == 0 or flags.size != d.size or flags.all() or not flags.any():
+    return 0.0
+  base = float(np.median(d[~flags]))
+  return float(np.clip(np.sum(d[flags] - base), 0, None) / np.sum(d))

@@ -43,12 +43,21 @@ def is_embed_or_output(label: str) -> bool:
     ...                                  "dropout", "out_proj", "final_norm")]
     [True, True, False, False, True, False]
   """
-  first = label.split("/", 1)[0]
-  tokens = {t.lower() for t in _TOKEN_SPLIT.split(first) if t}
-  return bool(tokens & _EMBED_OUT_TOKENS)
+  return bool(name_tokens(label.split("/", 1)[0]) & _EMBED_OUT_TOKENS)
 
 
-def _key_name(entry: Any) -> str:
+def name_tokens(name: str) -> set[str]:
+  """Lower-case tokens of a name, split at non-alphanumerics and camel case.
+
+  Example:
+    >>> sorted(name_tokens("LMHead_out"))
+    ['head', 'lm', 'out']
+  """
+  return {t.lower() for t in _TOKEN_SPLIT.split(name) if t}
+
+
+def key_name(entry: Any) -> str:
+  """The name of one ``jax.tree_util`` key-path entry."""
   for attr in ("key", "name", "idx"):
     if hasattr(entry, attr):
       return str(getattr(entry, attr))
@@ -90,9 +99,9 @@ def default_layer_labels(params: Any) -> Any:
   def label(path, _):
     if not path:
       return "params"
-    name = _key_name(path[0])
+    name = key_name(path[0])
     if len(path) > 1 and _is_index(path[1]):
-      return f"{name}/{_key_name(path[1])}"
+      return f"{name}/{key_name(path[1])}"
     return name
 
   return jax.tree_util.tree_map_with_path(label, params)

@@ -50,6 +50,15 @@ def _assert_matches(params, stats, reference):
                                err_msg=key)
 
 
+def _replica_step(tx):
+  """One data-parallel step on a replica's shard: grads averaged over "dp"."""
+  def step(params, state, batch):
+    grads = jax.lax.pmean(jax.grad(next_token_loss)(params, batch), "dp")
+    updates, state = tx.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
 @pytest.fixture(scope="module")
 def reference(setup):
   return _single_device_run(*setup)
@@ -64,12 +73,7 @@ def test_pmap_matches_single_device(setup, reference):
       optax.adam(5e-2),
       ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, axis_name="dp", **KW))
 
-  def step(params, state, batch):
-    grads = jax.lax.pmean(jax.grad(next_token_loss)(params, batch), "dp")
-    updates, state = tx.update(grads, state, params, batch=batch)
-    return optax.apply_updates(params, updates), state
-
-  p_step = jax.pmap(step, axis_name="dp")
+  p_step = jax.pmap(_replica_step(tx), axis_name="dp")
   replicated = jax.tree.map(lambda x: jnp.stack([x] * 8), params)
   state = jax.pmap(tx.init)(replicated)
   shards = batch.reshape(8, -1, batch.shape[-1])
@@ -118,12 +122,7 @@ def test_shard_map_with_axis_name_matches_single_device(setup, reference):
       optax.adam(5e-2),
       ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, axis_name="dp", **KW))
 
-  def local_step(params, state, batch):
-    grads = jax.lax.pmean(jax.grad(next_token_loss)(params, batch), "dp")
-    updates, state = tx.update(grads, state, params, batch=batch)
-    return optax.apply_updates(params, updates), state
-
-  step = jax.jit(jax.shard_map(local_step, mesh=mesh,
+  step = jax.jit(jax.shard_map(_replica_step(tx), mesh=mesh,
                                in_specs=(P(), P(), P("dp")),
                                out_specs=(P(), P())))
   state = tx.init(params)

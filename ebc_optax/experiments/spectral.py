@@ -23,12 +23,13 @@ top two singular values are close and ``iters`` is small.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from ebc_optax import _layers
 
 SPECTRAL_METHODS = ("none", "spec_normalize", "hard_cap", "spec_hammer")
 NORM_METHODS = ("power", "svd")
@@ -38,8 +39,6 @@ NORM_METHODS = ("power", "svd")
 # output projection and ``unembed`` matrices are constrained).
 _EMBED_TOKENS = frozenset({"embed", "embeds", "embedding", "embeddings",
                            "wte", "wpe"})
-_TOKEN_SPLIT = re.compile(
-    r"[^0-9a-zA-Z]+|(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
 
 # --- validation ----------------------------------------------------------------
@@ -222,13 +221,6 @@ def spec_hammer(w: jax.Array, w_max: float = 1.0, *, method: str = "power",
 
 # --- parameter trees -----------------------------------------------------------------
 
-def _key_name(entry: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
 def is_embedding_path(path: tuple[Any, ...]) -> bool:
   """Whether a leaf's path names an embedding table.
 
@@ -244,8 +236,7 @@ def is_embedding_path(path: tuple[Any, ...]) -> bool:
     A Python bool.
   """
   for entry in path:
-    tokens = {t.lower() for t in _TOKEN_SPLIT.split(_key_name(entry)) if t}
-    if tokens & _EMBED_TOKENS:
+    if _layers.name_tokens(_layers.key_name(entry)) & _EMBED_TOKENS:
       return True
   return False
 

@@ -287,18 +287,21 @@ def train(
   status = "ok"
   t_start = time.perf_counter()
   t_last = t_start
-  prev: tuple[int, Any] | None = None
+  prev: tuple[int, Any, Any] | None = None
   last_probe_count = host.get("last_probe_count", 0)
   log = open(metrics_path, "a", encoding="utf-8")
 
-  def cadence_step(s: int, ebc_step: int) -> bool:
+  def cadence_step(ebc_step: int) -> bool:
     e = cfg.ebc
     return use_ebc and (ebc_step % e.update_every == 0
                         or (e.probe_every and ebc_step % e.probe_every == 0)
                         or (e.full_sweep_every and ebc_step % e.full_sweep_every == 0))
 
-  def handle(step: int, metrics: Any) -> bool:
-    """Consumes the (now finished) metrics of ``step``; False to stop."""
+  def handle(step: int, metrics: Any, params_after: Any) -> bool:
+    """Consumes the (now finished) metrics of ``step``; False to stop.
+
+    ``params_after`` are the parameters after ``step`` (for evaluation).
+    """
     nonlocal t_last, last_probe_count, status
     m = jax.device_get(metrics)
     now = time.perf_counter()
@@ -310,7 +313,7 @@ def train(
     c = float(m["c"]) if use_ebc else None
     if use_ebc:
       host["c"].append(c)
-      host["cadence"].append(cadence_step(step, int(m["ebc_step"]) - 1))
+      host["cadence"].append(cadence_step(int(m["ebc_step"]) - 1))
       if int(m["probe_count"]) > last_probe_count:
         host["probe_kl"].append(float(m["applied_kl"]))
         last_probe_count = int(m["probe_count"])
@@ -319,7 +322,7 @@ def train(
       record: dict[str, Any] = {"step": step, "train_loss": _finite_or_none(loss),
                                 "train_acc": acc, "lr": cfg.lr}
       if step % cfg.train.eval_interval == 0 or step == steps - 1:
-        vl, va = (float(v) for v in evaluate(params_now[0]))
+        vl, va = (float(v) for v in evaluate(params_after))
         record.update(val_loss=_finite_or_none(vl), val_acc=va,
                       val_ppl=_finite_or_none(math.exp(min(vl, 700.0))))
       if use_ebc:
@@ -339,14 +342,12 @@ def train(
       return False
     return True
 
-  params_now = [params]
   try:
     for step in range(start, stop_at):
       params, opt_state, metrics = train_step(params, opt_state, jnp.int32(step))
       if prev is not None and not handle(*prev):
         break
-      params_now[0] = params
-      prev = (step, metrics)
+      prev = (step, metrics, params)
       if (cfg.train.checkpoint_every and step > start
           and step % cfg.train.checkpoint_every == 0 and step + 1 < stop_at):
         keep_going = handle(*prev)

@@ -16,6 +16,10 @@ from ebc_optax._controller import KLController
 from ebc_optax._controller import pi_controller
 from ebc_optax._controller import PIControllerState
 from ebc_optax._controller import ProbeMeasurement
+from ebc_optax._energy import activation_norm
+from ebc_optax._energy import energy_budget_clip
+from ebc_optax._energy import energy_ratios
+from ebc_optax._energy import EnergyBudgetClipState
 from ebc_optax._guard import guard_factor
 from ebc_optax._guard import guard_ratio
 from ebc_optax._guard import GuardState
@@ -23,6 +27,8 @@ from ebc_optax._layers import budget_layers
 from ebc_optax._layers import default_layer_labels
 from ebc_optax._layers import is_embed_or_output
 from ebc_optax._logits import center_per_token
+from ebc_optax._logits import fisher_kl
+from ebc_optax._logits import per_token_change_norm
 from ebc_optax._logits import per_token_kl
 from ebc_optax._logits import per_token_rms_norm
 from ebc_optax._logits import trust_radius
@@ -37,12 +43,16 @@ from ebc_optax._sensitivity import SensitivityEstimator
 from ebc_optax._sensitivity import SensitivityState
 from ebc_optax._telemetry import telemetry
 from ebc_optax._transform import ellipsotope_budget_clip
+from ebc_optax._trust_region import trust_region_radius
+from ebc_optax._trust_region import trust_region_ratio
+from ebc_optax._trust_region import TrustRegionState
 
 __version__ = "0.1.0"
 
 __all__ = (
     "BudgetClipState",
     "EBCConfig",
+    "EnergyBudgetClipState",
     "GuardState",
     "KLController",
     "KLProbeState",
@@ -51,6 +61,8 @@ __all__ = (
     "ProbeMeasurement",
     "SensitivityEstimator",
     "SensitivityState",
+    "TrustRegionState",
+    "activation_norm",
     "budget_clip",
     "budget_layers",
     "budget_surrogate",
@@ -58,7 +70,10 @@ __all__ = (
     "clip_scale",
     "default_layer_labels",
     "directional_logit_change",
+    "fisher_kl",
     "ellipsotope_budget_clip",
+    "energy_budget_clip",
+    "energy_ratios",
     "from_config",
     "guard_factor",
     "guard_ratio",
@@ -66,6 +81,7 @@ __all__ = (
     "kl_probe",
     "layer_contributions",
     "measure_applied_change",
+    "per_token_change_norm",
     "per_token_kl",
     "per_token_rms_norm",
     "pi_controller",
@@ -73,4 +89,6 @@ __all__ = (
     "skip_nonfinite",
     "telemetry",
     "trust_radius",
+    "trust_region_radius",
+    "trust_region_ratio",
 )

@@ -10,6 +10,7 @@ every step: wrappers (:func:`~ebc_optax.kl_probe`) write them, the way
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -36,6 +37,12 @@ class BudgetClipState(NamedTuple):
     clip_scale: float32, ``c`` applied at the last step.
     layer_contribution: ``[L]`` float32, ``s_ℓ = safety·β_ℓ·‖ΔW_ℓ‖``.
     clipped_steps: int32, steps with ``c < 1``.
+    linear_change: float32, ``aggregate="exact"``: the linearised change
+      ``‖J ΔW‖`` of the whole proposed update at its last measurement (0
+      otherwise).
+    surrogate_calibration: float32, ``aggregate="exact"`` with
+      ``exact_every > 1``: ``‖J ΔW‖ / S_β`` at the last measurement, the
+      factor on the L1 β-surrogate between measurements (1 otherwise).
   """
   ebc_step: jax.Array
   sensitivity: _sensitivity.SensitivityState
@@ -46,6 +53,8 @@ class BudgetClipState(NamedTuple):
   clip_scale: jax.Array
   layer_contribution: jax.Array
   clipped_steps: jax.Array
+  linear_change: jax.Array
+  surrogate_calibration: jax.Array
 
 
 def require_extra(params: Any, batch: Any, who: str) -> None:
@@ -59,24 +68,41 @@ def require_extra(params: Any, batch: Any, who: str) -> None:
         "batch) consumes) in update(updates, state, params, batch=batch).")
 
 
-def take_probe_rows(batch: Any, probe_batch_size: int | None) -> Any:
-  """First ``probe_batch_size`` rows (leading axis) of every leaf of ``batch``."""
+ProbeBatchSize = int | float | None
+
+
+def probe_rows(probe_batch_size: ProbeBatchSize, rows: int) -> int:
+  """Rows used for probes out of a leading axis of ``rows``.
+
+  ``None``: all; an int ``n``: ``n`` (must be ``<= rows``); a float ``f`` in
+  ``(0, 1]``: ``max(1, ceil(f · rows))``.
+  """
+  if probe_batch_size is None:
+    return rows
+  if isinstance(probe_batch_size, float):
+    return max(1, min(rows, math.ceil(probe_batch_size * rows)))
+  if probe_batch_size > rows:
+    raise ValueError(
+        f"probe_batch_size={probe_batch_size} exceeds the batch's leading "
+        f"axis ({rows}); it must be in [1, {rows}] (or a fraction in (0, 1]).")
+  return probe_batch_size
+
+
+def take_probe_rows(batch: Any, probe_batch_size: ProbeBatchSize) -> Any:
+  """First rows (leading axis) of every leaf of ``batch``; see :func:`probe_rows`."""
   if probe_batch_size is None:
     return batch
   if isinstance(probe_batch_size, jax.core.Tracer):
     raise ValueError(
-        "probe_batch_size must be a static int; with optax.inject_hyperparams "
-        "list it in static_args.")
+        "probe_batch_size must be static (an int or a float); with "
+        "optax.inject_hyperparams list it in static_args.")
 
   def take(x):
     shape = getattr(x, "shape", ())
     if not shape:
       return x
-    if shape[0] < probe_batch_size:
-      raise ValueError(
-          f"probe_batch_size={probe_batch_size} exceeds the batch's leading "
-          f"axis ({shape[0]}); it must be in [1, {shape[0]}].")
-    return x[:probe_batch_size]
+    n = probe_rows(probe_batch_size, shape[0])
+    return x if n == shape[0] else x[:n]
   return jax.tree.map(take, batch)
 
 
@@ -86,14 +112,18 @@ def scale_updates(updates: Any, scale: jax.Array) -> Any:
       lambda u: (u.astype(jnp.float32) * scale).astype(u.dtype), updates)
 
 
+AGGREGATES = _aggregate.AGGREGATES + ("exact",)
+
+
 def budget_clip(
     estimator: _sensitivity.SensitivityEstimator,
     *,
     target_kl: float = 0.05,
     aggregate: str = "l1",
+    exact_every: int = 1,
     layer_labels: _layers.LayerLabelsFn | None = None,
     include_embed_out: bool = False,
-    probe_batch_size: int | None = None,
+    probe_batch_size: ProbeBatchSize = None,
     eps: float = 1e-12,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales the whole update by ``c = min(1, τ / S)``.
@@ -107,14 +137,25 @@ def budget_clip(
   Embedding/output groups left out of the budget are scaled by ``c`` as well,
   so the update direction never changes.
 
+  With ``aggregate="exact"`` there is no triangle inequality: ``S = ‖J ΔW‖``,
+  the linearised change of the whole budgeted update, from one JVP on the
+  probe rows every ``exact_every`` steps. With ``exact_every == 1`` the β
+  estimator is not run at all (``beta``/``contribution`` stay 0); otherwise
+  between measurements ``S = k · S_L1`` with ``k = ‖J ΔW‖ / S_L1`` from the
+  last measurement. Sizes are in the estimator's ``kl`` metric.
+
   Args:
     estimator: the β estimator (:func:`sensitivity_estimator`).
     target_kl: initial ``δ`` in nats/token (> 0).
-    aggregate: ``"l1"`` or ``"l2"`` (see :func:`budget_surrogate`).
+    aggregate: ``"l1"``, ``"l2"`` (see :func:`budget_surrogate`) or
+      ``"exact"``.
+    exact_every: steps between ``‖J ΔW‖`` measurements (``"exact"``; >= 1,
+      static).
     layer_labels: ``params -> pytree of str``; default
       :func:`default_layer_labels`.
     include_embed_out: keep embedding/output groups in the budget.
-    probe_batch_size: measure ``β`` on the first N rows of ``batch`` only.
+    probe_batch_size: measure on the first rows of ``batch`` only: an int
+      (rows), a float in ``(0, 1]`` (fraction of the rows) or None (all).
     eps: floor on ``S``.
 
   Returns:
@@ -122,10 +163,14 @@ def budget_clip(
     ``params`` and the keyword ``batch``.
   """
   _validation.check_number("target_kl", target_kl, lo=0, lo_open=True)
-  _validation.check_choice("aggregate", aggregate, _aggregate.AGGREGATES)
-  _validation.check_number("probe_batch_size", probe_batch_size, lo=1,
-                           integer=True, allow_none=True)
+  _validation.check_choice("aggregate", aggregate, AGGREGATES)
+  _validation.check_number("exact_every", exact_every, lo=1, integer=True)
+  _validation.check_probe_batch_size(probe_batch_size)
   _validation.check_number("eps", eps, lo=0, lo_open=True)
+  exact = aggregate == "exact"
+  # A traced exact_every (optax.inject_hyperparams) keeps the β estimator.
+  beta_needed = not exact or isinstance(exact_every, jax.core.Tracer) or (
+      int(exact_every) > 1)
 
   def partition(params):
     return _layers.partition_layers(params, layer_labels, include_embed_out)
@@ -143,6 +188,8 @@ def budget_clip(
         clip_scale=jnp.ones([], jnp.float32),
         layer_contribution=jnp.zeros([num_layers], jnp.float32),
         clipped_steps=jnp.zeros([], jnp.int32),
+        linear_change=jnp.zeros([], jnp.float32),
+        surrogate_calibration=jnp.ones([], jnp.float32),
     )
 
   def update(updates, state, params=None, *, batch=None, **extra_args):
@@ -159,14 +206,36 @@ def budget_clip(
       raise ValueError(
           "updates and params must have the same tree structure; got "
           f"{jax.tree.structure(updates)} vs {jax.tree.structure(params)}.")
-    update_leaves = jax.tree.leaves(updates)
-    norms = _sensitivity.layer_norms(update_leaves, part)
-    sens = estimator.update(state.sensitivity, state.ebc_step, part, params,
-                            updates, take_probe_rows(batch, probe_batch_size),
-                            norms)
-    contributions = _aggregate.layer_contributions(
-        estimator.effective_beta(sens), norms)
-    surrogate = _aggregate.budget_surrogate(contributions, aggregate)
+    probe_batch = take_probe_rows(batch, probe_batch_size)
+    norms = _sensitivity.layer_norms(jax.tree.leaves(updates), part)
+    sens = state.sensitivity
+    contributions = state.layer_contribution
+    linear = state.linear_change
+    calibration = state.surrogate_calibration
+    if beta_needed:
+      sens = estimator.update(sens, state.ebc_step, part, params, updates,
+                              probe_batch, norms)
+      contributions = _aggregate.layer_contributions(
+          estimator.effective_beta(sens), norms)
+    if not exact:
+      surrogate = _aggregate.budget_surrogate(contributions, aggregate)
+    elif not beta_needed:
+      linear = estimator.linear_change(part, params, updates, probe_batch)
+      surrogate = linear
+    else:
+      base = _aggregate.budget_surrogate(contributions, "l1")
+
+      def measure(_):
+        t = estimator.linear_change(part, params, updates, probe_batch)
+        k = jnp.where(base > eps, t / jnp.maximum(base, eps), calibration)
+        return t, k, t
+
+      def keep(_):
+        return linear, calibration, calibration * base
+
+      linear, calibration, surrogate = jax.lax.cond(
+          state.ebc_step % jnp.asarray(exact_every, jnp.int32) == 0,
+          measure, keep, None)
     radius = _logits.trust_radius(state.kl_target) * state.radius_factor
     scale = _aggregate.clip_scale(surrogate, radius, eps)
     new_state = state._replace(
@@ -177,6 +246,8 @@ def budget_clip(
         clip_scale=scale,
         layer_contribution=contributions,
         clipped_steps=state.clipped_steps + (scale < 1.0).astype(jnp.int32),
+        linear_change=linear,
+        surrogate_calibration=calibration,
     )
     return scale_updates(updates, scale), new_state
 

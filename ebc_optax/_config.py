@@ -14,6 +14,7 @@ from ebc_optax import _controller
 from ebc_optax import _layers
 from ebc_optax import _logits
 from ebc_optax import _transform
+from ebc_optax import _trust_region
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,9 +23,11 @@ class EBCConfig:
 
   Field ``x`` is read from the config key ``ebc_x``. The first nine are the
   reference repository's keys (``ebc_enable`` ... ``ebc_include_embed_out``);
-  the rest are ours. ``controller`` is ``"pi"`` or ``"none"``; the ``pi_*``
-  fields are the PI controller's gains and clamp (see
-  :func:`~ebc_optax.pi_controller`).
+  the rest are ours. ``controller`` is ``"pi"``, ``"trust_region"`` or
+  ``"none"``; the ``pi_*`` fields are the PI controller's gains and clamp (see
+  :func:`~ebc_optax.pi_controller`), the ``tr_*`` fields the trust-region
+  controller's thresholds, factors and clamp (see
+  :func:`~ebc_optax.trust_region_radius`).
   """
   enable: bool = True
   target_kl: float = 0.05
@@ -39,7 +42,9 @@ class EBCConfig:
   sensitivity: str = "jvp"
   huber_ratio: float = 4.0
   fd_step: float = 1e-2
-  probe_batch_size: int | None = None
+  probe_batch_size: int | float | None = 0.25
+  kl: str = "bound"
+  exact_every: int = 1
   controller: str = "pi"
   guard: bool = True
   probe_every: int = 20
@@ -48,6 +53,12 @@ class EBCConfig:
   pi_half_life: float = 250.0
   pi_delta_min: float = 0.01
   pi_delta_max: float = 0.30
+  tr_shrink_below: float = 0.25
+  tr_grow_above: float = 0.75
+  tr_shrink_factor: float = 0.5
+  tr_grow_factor: float = 1.5
+  tr_delta_min: float = 1e-4
+  tr_delta_max: float = 1.0
   eps: float = 1e-12
 
   @classmethod
@@ -74,10 +85,14 @@ def from_config(
     config: Mapping[str, Any] | EBCConfig,
     logits_fn: Callable[[Any, Any], jax.Array],
     *,
+    loss_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
     layer_labels: _layers.LayerLabelsFn | None = None,
     axis_name: _logits.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds :func:`ellipsotope_budget_clip` from ``ebc_*`` config keys.
+
+  ``loss_fn`` (``(logits, batch) -> scalar``) is needed with
+  ``ebc_controller: "trust_region"``.
 
   Missing keys take the defaults of :class:`EBCConfig` (the values in
   ``configs/ebc_default.json``). With ``ebc_enable: false`` the result is an
@@ -95,22 +110,29 @@ def from_config(
   cfg = config if isinstance(config, EBCConfig) else EBCConfig.from_mapping(config)
   if not cfg.enable:
     return optax.with_extra_args_support(optax.identity())
-  if cfg.controller not in ("pi", "none"):
+  if cfg.controller not in ("pi", "trust_region", "none"):
     raise ValueError(
-        f"ebc_controller must be one of ('pi', 'none'); got {cfg.controller!r}.")
+        "ebc_controller must be one of ('pi', 'trust_region', 'none'); got "
+        f"{cfg.controller!r}.")
   controller = None
   if cfg.controller == "pi":
     controller = _controller.pi_controller(
         kp=cfg.pi_kp, ki=cfg.pi_ki, half_life=cfg.pi_half_life,
         delta_min=cfg.pi_delta_min, delta_max=cfg.pi_delta_max)
+  elif cfg.controller == "trust_region":
+    controller = _trust_region.trust_region_radius(
+        shrink_below=cfg.tr_shrink_below, grow_above=cfg.tr_grow_above,
+        shrink_factor=cfg.tr_shrink_factor, grow_factor=cfg.tr_grow_factor,
+        delta_min=cfg.tr_delta_min, delta_max=cfg.tr_delta_max)
   return _transform.ellipsotope_budget_clip(
       logits_fn, cfg.target_kl,
       update_every=cfg.update_every, probe_layers=cfg.probe_layers,
       full_sweep_every=cfg.full_sweep_every, beta_ema=cfg.beta_ema,
-      safety=cfg.safety, aggregate=cfg.aggregate,
+      safety=cfg.safety, aggregate=cfg.aggregate, kl=cfg.kl,
+      exact_every=cfg.exact_every,
       center_logits=cfg.center_logits,
       include_embed_out=cfg.include_embed_out, sensitivity=cfg.sensitivity,
       huber_ratio=cfg.huber_ratio, fd_step=cfg.fd_step,
       probe_batch_size=cfg.probe_batch_size, controller=controller,
-      guard=cfg.guard, probe_every=cfg.probe_every,
+      guard=cfg.guard, probe_every=cfg.probe_every, loss_fn=loss_fn,
       layer_labels=layer_labels, axis_name=axis_name, eps=cfg.eps)

@@ -33,6 +33,11 @@ class ProbeMeasurement(NamedTuple):
     surrogate: the surrogate ``S`` of this step (per-token units).
     guard_ratio: ``ρ = T / max(c·S, ε)``.
     interval: steps between probes (static int).
+    loss_change: ``L(W + cΔW) − L(W)`` on the probe batch (0 unless the
+      controller ``needs_loss``).
+    predicted_loss_change: the local model's prediction of it,
+      ``gᵀ(cΔW) + ½(cΔW)ᵀ G (cΔW)`` with ``G`` the Gauss-Newton matrix of the
+      loss in logit space (0 unless the controller ``needs_loss``).
   """
   applied_kl: jax.Array
   applied_change: jax.Array
@@ -40,12 +45,21 @@ class ProbeMeasurement(NamedTuple):
   surrogate: jax.Array
   guard_ratio: jax.Array
   interval: int
+  loss_change: jax.Array = 0.0
+  predicted_loss_change: jax.Array = 0.0
 
 
 class KLController(NamedTuple):
+  """A controller of ``δ``: ``init(target) -> (state, δ0)`` and
+  ``update(state, measurement, δ, target) -> (state, δ)``.
+
+  ``needs_loss``: the probe must measure the loss change and its prediction
+  (then the transform needs ``loss_fn``).
+  """
   init: Callable[[jax.Array], tuple[Any, jax.Array]]
   update: Callable[[Any, ProbeMeasurement, jax.Array, jax.Array],
                    tuple[Any, jax.Array]]
+  needs_loss: bool = False
 
 
 class PIControllerState(NamedTuple):

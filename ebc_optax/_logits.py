@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 AxisName = Hashable | None
+KL_METRICS = ("bound", "fisher")
 
 
 def check_logits(logits: jax.Array, who: str = "logits_fn") -> None:
@@ -56,6 +57,37 @@ def logit_change_sq_sum(dz: jax.Array, center: bool = True) -> jax.Array:
   return jnp.sum(jnp.square(dz))
 
 
+def fisher_sq_sum(z: jax.Array, dz: jax.Array) -> jax.Array:
+  """``Σ_t 2·Var_{p_t}(dz_t)`` in float32, ``p_t = softmax(z_t)``.
+
+  ``½·Var_p(dz)`` is the exact second-order term of ``KL(p(z) ‖ p(z + dz))``
+  (``dzᵀ(diag p − ppᵀ)dz / 2``), so ``¼`` of this sum is the quadratic KL of
+  the whole batch, in the same units as :func:`logit_change_sq_sum` (whose
+  ``¼`` is the softmax bound ``KL ≤ ¼‖center(dz)‖²``). Invariant to adding a
+  constant per token, so no centering is needed.
+  """
+  p = jax.nn.softmax(z.astype(jnp.float32), axis=-1)
+  dz = dz.astype(jnp.float32)
+  mean = jnp.sum(p * dz, axis=-1, keepdims=True)
+  return 2.0 * jnp.sum(p * jnp.square(dz - mean))
+
+
+def change_sq_sum(dz: jax.Array, z: jax.Array | None = None, *,
+                  kl: str = "bound", center: bool = True) -> jax.Array:
+  """Squared size of a logit change in the metric of the ``kl`` mode.
+
+  ``kl="bound"``: ``Σ_t ‖center(dz_t)‖²`` (the seeds' metric; ``¼`` of it
+  bounds the KL). ``kl="fisher"``: :func:`fisher_sq_sum` at logits ``z`` (``¼``
+  of it is the KL to second order). Either way a per-token RMS ``r`` of this
+  size predicts a KL of ``r²/4`` nats/token, so ``τ = sqrt(4δ)`` serves both.
+  """
+  if kl == "fisher":
+    if z is None:
+      raise ValueError("kl='fisher' needs the logits z at which p is taken.")
+    return fisher_sq_sum(z, dz)
+  return logit_change_sq_sum(dz, center)
+
+
 def _psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
   return x if axis_name is None else jax.lax.psum(x, axis_name)
 
@@ -72,6 +104,30 @@ def per_token_rms_norm(dz: jax.Array, center: bool = True,
   sq = _psum(logit_change_sq_sum(dz, center), axis_name)
   n = _psum(jnp.asarray(token_count(dz), jnp.float32), axis_name)
   return jnp.sqrt(sq / n)
+
+
+def per_token_change_norm(dz: jax.Array, z: jax.Array | None = None, *,
+                          kl: str = "bound", center: bool = True,
+                          axis_name: AxisName = None) -> jax.Array:
+  """Per-token RMS size of ``dz`` in the ``kl`` metric (see :func:`change_sq_sum`)."""
+  sq = _psum(change_sq_sum(dz, z, kl=kl, center=center), axis_name)
+  n = _psum(jnp.asarray(token_count(dz), jnp.float32), axis_name)
+  return jnp.sqrt(sq / n)
+
+
+def fisher_kl(z: jax.Array, dz: jax.Array,
+              axis_name: AxisName = None) -> jax.Array:
+  """Quadratic (Fisher) per-token KL ``mean_t ½·Var_{p_t}(dz_t)``, nats/token.
+
+  The second-order expansion of ``KL(p(z) ‖ p(z + dz))``: exact as ``dz → 0``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> float(fisher_kl(jnp.zeros((1, 2)), jnp.array([[1., -1.]])))  # ½·Var = ½
+    0.5
+  """
+  return 0.25 * jnp.square(per_token_change_norm(dz, z, kl="fisher",
+                                                 axis_name=axis_name))
 
 
 def softmax_kl_sum(z: jax.Array, z_new: jax.Array) -> jax.Array:

@@ -21,6 +21,7 @@ from ebc_optax import _clip
 from ebc_optax import _controller
 from ebc_optax import _guard
 from ebc_optax import _logits
+from ebc_optax import _sensitivity
 from ebc_optax import _validation
 
 
@@ -52,21 +53,76 @@ def measure_applied_change(
     batch: Any,
     *,
     center_logits: bool = True,
+    kl: str = "bound",
     axis_name: _logits.AxisName = None,
 ) -> tuple[jax.Array, jax.Array]:
   """``(T, KL)`` of applying ``updates`` to ``params`` on ``batch``.
 
-  ``T`` is the per-token RMS of the centered logit change and ``KL`` the mean
-  per-token ``KL(p(W) ‖ p(W + u))``, both over all replicas of ``axis_name``.
+  ``T`` is the per-token RMS size of the logit change in the ``kl`` metric
+  (``"bound"``: centered Euclidean; ``"fisher"``: ``sqrt(2·Var_p)`` at
+  ``p(W)``) and ``KL`` the exact mean per-token ``KL(p(W) ‖ p(W + u))``, both
+  over all replicas of ``axis_name``.
   The shadow parameters are ``optax.apply_updates(params, updates)``, exactly
   what the training step will apply.
   """
   z = logits_fn(params, batch)
   _logits.check_logits(z)
   z_new = logits_fn(optax.apply_updates(params, updates), batch)
-  dz = z_new.astype(jnp.float32) - z.astype(jnp.float32)
-  change = _logits.per_token_rms_norm(dz, center_logits, axis_name)
+  return _change_and_kl(z, z_new, center_logits, kl, axis_name)
+
+
+def _change_and_kl(z: jax.Array, z_new: jax.Array, center_logits: bool,
+                   kl: str, axis_name: _logits.AxisName
+                   ) -> tuple[jax.Array, jax.Array]:
+  """``(T, KL)`` from the logits before and after the step."""
+  z32 = z.astype(jnp.float32)
+  change = _logits.per_token_change_norm(
+      z_new.astype(jnp.float32) - z32, z32, kl=kl, center=center_logits,
+      axis_name=axis_name)
   return change, _logits.per_token_kl(z, z_new, axis_name)
+
+
+def measure_loss_change(
+    logits_fn: Callable[[Any, Any], jax.Array],
+    loss_fn: Callable[[jax.Array, Any], jax.Array],
+    params: Any,
+    updates: Any,
+    batch: Any,
+    *,
+    center_logits: bool = True,
+    kl: str = "bound",
+    axis_name: _logits.AxisName = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """``(T, KL, actual, predicted)`` of applying ``updates`` on ``batch``.
+
+  ``T`` and ``KL`` as in :func:`measure_applied_change`; ``actual = L(W+u) −
+  L(W)`` and ``predicted = ∇_z Lᵀ(J u) + ½ (J u)ᵀ ∇²_z L (J u)`` — the first
+  order term plus the Gauss-Newton term of the loss, from one JVP of the
+  logits along ``u`` and one Hessian-vector product of ``loss_fn`` in logit
+  space. Losses are ``loss_fn(logits, batch)`` (a mean), averaged over the
+  replicas of ``axis_name``.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  update_leaves = jax.tree.leaves(updates)
+  idx = [i for i, w in enumerate(leaves) if jnp.issubdtype(w.dtype, jnp.floating)]
+  z, dz = _sensitivity.directional_logit_change(
+      logits_fn, leaves, treedef, idx,
+      [update_leaves[i].astype(jnp.float32) for i in idx], batch,
+      with_primal=True)
+  _logits.check_logits(z)
+  z_new = logits_fn(optax.apply_updates(params, updates), batch)
+  change, applied_kl = _change_and_kl(z, z_new, center_logits, kl, axis_name)
+  z32 = z.astype(jnp.float32)
+
+  def loss_of(logits):
+    return jnp.asarray(loss_fn(logits, batch), jnp.float32)
+
+  grad_z, hvp = jax.jvp(jax.grad(loss_of), (z32,), (dz,))
+  predicted = jnp.sum(grad_z * dz) + 0.5 * jnp.sum(dz * hvp)
+  actual = loss_of(z_new.astype(jnp.float32)) - loss_of(z32)
+  if axis_name is not None:
+    actual, predicted = jax.lax.pmean((actual, predicted), axis_name)
+  return change, applied_kl, actual, predicted
 
 
 def _is_probe_step(step: jax.Array, probe_every: int) -> jax.Array:
@@ -82,8 +138,10 @@ def kl_probe(
     controller: _controller.KLController | None = None,
     guard: bool = True,
     probe_every: int = 20,
-    probe_batch_size: int | None = None,
+    probe_batch_size: _clip.ProbeBatchSize = None,
     center_logits: bool = True,
+    kl: str = "bound",
+    loss_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
     axis_name: _logits.AxisName = None,
     eps: float = 1e-12,
 ) -> optax.GradientTransformationExtraArgs:
@@ -105,8 +163,13 @@ def kl_probe(
     controller: a :class:`KLController` (e.g. :func:`pi_controller`) or None.
     guard: enable the shrink-only guard.
     probe_every: steps between probes (>= 1; 0 disables probing).
-    probe_batch_size: probe on the first N rows of ``batch``.
+    probe_batch_size: probe on the first rows of ``batch`` (an int: rows; a
+      float in ``(0, 1]``: fraction; None: all).
     center_logits: center the logit change per token for ``T``.
+    kl: metric of ``T`` (``"bound"`` or ``"fisher"``), as the inner clip's.
+    loss_fn: ``(logits, batch) -> scalar mean loss``; required by controllers
+      with ``needs_loss`` (:func:`trust_region_radius`), which then also get
+      the actual and predicted loss change of the probed step.
     axis_name: ``pmap``/``shard_map`` axis to all-reduce over.
     eps: floor on ``c·S`` in ``ρ``.
 
@@ -115,8 +178,14 @@ def kl_probe(
   """
   _validation.check_number("target_kl", target_kl, lo=0, lo_open=True)
   _validation.check_number("probe_every", probe_every, lo=0, integer=True)
-  _validation.check_number("probe_batch_size", probe_batch_size, lo=1,
-                           integer=True, allow_none=True)
+  _validation.check_probe_batch_size(probe_batch_size)
+  _validation.check_choice("kl", kl, _logits.KL_METRICS)
+  needs_loss = controller is not None and controller.needs_loss
+  if needs_loss and not callable(loss_fn):
+    raise ValueError(
+        "This controller (e.g. trust_region_radius) compares the actual and "
+        "predicted loss change, so it needs loss_fn=(logits, batch) -> scalar "
+        f"mean loss; got loss_fn={loss_fn!r}.")
 
   def init(params):
     clip_state = inner.init(params)
@@ -146,10 +215,17 @@ def kl_probe(
       # Rebuild c·ΔW from the incoming updates rather than closing over the
       # outgoing ones: the outgoing update then stays fusible into the caller's
       # apply_updates instead of being materialised as a cond operand.
-      change, kl = measure_applied_change(
-          logits_fn, params, _clip.scale_updates(updates, clip_state.clip_scale),
-          _clip.take_probe_rows(batch, probe_batch_size),
-          center_logits=center_logits, axis_name=axis_name)
+      applied = _clip.scale_updates(updates, clip_state.clip_scale)
+      rows = _clip.take_probe_rows(batch, probe_batch_size)
+      if needs_loss:
+        change, applied_kl, loss_change, predicted = measure_loss_change(
+            logits_fn, loss_fn, params, applied, rows,
+            center_logits=center_logits, kl=kl, axis_name=axis_name)
+      else:
+        change, applied_kl = measure_applied_change(
+            logits_fn, params, applied, rows,
+            center_logits=center_logits, kl=kl, axis_name=axis_name)
+        loss_change = predicted = jnp.zeros([], jnp.float32)
       ratio = _guard.guard_ratio(change, clip_state.clip_scale,
                                  clip_state.surrogate, eps)
       factor = clip_state.radius_factor
@@ -158,24 +234,26 @@ def kl_probe(
       delta = clip_state.kl_target
       if controller is not None:
         measurement = _controller.ProbeMeasurement(
-            applied_kl=kl, applied_change=change,
+            applied_kl=applied_kl, applied_change=change,
             clip_scale=clip_state.clip_scale, surrogate=clip_state.surrogate,
-            guard_ratio=ratio, interval=probe_every)
+            guard_ratio=ratio, interval=probe_every,
+            loss_change=loss_change, predicted_loss_change=predicted)
         ctrl_state, delta = controller.update(
             ctrl_state, measurement, delta, jnp.asarray(target_kl, jnp.float32))
       clip_state = clip_state._replace(kl_target=delta, radius_factor=factor)
-      return (clip_state, ctrl_state, guard_state), (kl, change, ratio, jnp.int32(1))
+      return ((clip_state, ctrl_state, guard_state),
+              (applied_kl, change, ratio, jnp.int32(1)))
 
     def skip(operand):
       return operand, (state.applied_kl, state.applied_change,
                        state.guard_ratio, jnp.int32(0))
 
     operand = (clip_state, state.controller_state, state.guard_state)
-    (clip_state, ctrl_state, guard_state), (kl, change, ratio, ran) = (
+    (clip_state, ctrl_state, guard_state), (measured_kl, change, ratio, ran) = (
         jax.lax.cond(_is_probe_step(step, probe_every), probe, skip, operand))
     return new_updates, KLProbeState(
         clip_state=clip_state, controller_state=ctrl_state,
-        guard_state=guard_state, applied_kl=kl, applied_change=change,
+        guard_state=guard_state, applied_kl=measured_kl, applied_change=change,
         guard_ratio=ratio, probe_count=state.probe_count + ran)
 
   return optax.GradientTransformationExtraArgs(init, update)

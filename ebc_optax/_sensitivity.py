@@ -70,7 +70,8 @@ def directional_logit_change(
     *,
     method: str = "jvp",
     fd_step: float = 1e-2,
-) -> jax.Array:
+    with_primal: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """``J_ℓ U`` (float32 logits change) for a direction ``U`` on the leaves ``indices``.
 
   Only the leaves of layer ``ℓ`` are inputs of the differentiated function; the
@@ -86,9 +87,12 @@ def directional_logit_change(
     method: ``"jvp"`` (exact forward mode) or ``"fd"`` (central difference
       with step ``fd_step · max(‖W_ℓ‖, 1)``).
     fd_step: relative finite-difference step.
+    with_primal: also return the logits at ``params`` (for ``"fd"``, the
+      mean of the two evaluations, exact to ``O(h²)``).
 
   Returns:
-    The logit change along ``U``, float32, shape of the logits.
+    The logit change along ``U``, float32, shape of the logits; with
+    ``with_primal``, the pair ``(logits, change)``.
   """
   sub = [param_leaves[i] for i in indices]
 
@@ -100,15 +104,19 @@ def directional_logit_change(
 
   if method == "jvp":
     tangents = [u.astype(w.dtype) for u, w in zip(direction, sub)]
-    _, dz = jax.jvp(f, (sub,), (tangents,))
-    return dz.astype(jnp.float32)
+    z, dz = jax.jvp(f, (sub,), (tangents,))
+    dz = dz.astype(jnp.float32)
+    return (z, dz) if with_primal else dz
   w_norm = jnp.sqrt(sum(jnp.sum(jnp.square(w.astype(jnp.float32))) for w in sub))
   eps = fd_step * jnp.maximum(w_norm, 1.0)
   plus = [(w.astype(jnp.float32) + eps * u).astype(w.dtype)
           for w, u in zip(sub, direction)]
   minus = [(w.astype(jnp.float32) - eps * u).astype(w.dtype)
            for w, u in zip(sub, direction)]
-  return (f(plus).astype(jnp.float32) - f(minus).astype(jnp.float32)) / (2 * eps)
+  z_plus = f(plus).astype(jnp.float32)
+  z_minus = f(minus).astype(jnp.float32)
+  dz = (z_plus - z_minus) / (2 * eps)
+  return (0.5 * (z_plus + z_minus), dz) if with_primal else dz
 
 
 def robust_ema(old: jax.Array, new: jax.Array, measured: jax.Array,
@@ -139,12 +147,17 @@ def robust_ema(old: jax.Array, new: jax.Array, measured: jax.Array,
 class SensitivityEstimator(NamedTuple):
   """The β estimator: ``init(num_layers)`` and ``update(...)``, both pure.
 
-  ``update(state, step, partition, params, updates, batch)`` returns the new
-  :class:`SensitivityState`; ``effective_beta(state)`` is ``safety · β``.
+  ``update(state, step, partition, params, updates, batch, norms)`` returns
+  the new :class:`SensitivityState`; ``effective_beta(state)`` is
+  ``safety · β``; ``linear_change(partition, params, updates, batch)`` is the
+  per-token size of the linearised change of the whole (budgeted) update,
+  ``‖J ΔW‖``, from one JVP (the ``aggregate="exact"`` mode). All sizes are in
+  the metric of the estimator's ``kl`` mode.
   """
   init: Callable[[int], SensitivityState]
   update: Callable[..., SensitivityState]
   effective_beta: Callable[[SensitivityState], jax.Array]
+  linear_change: Callable[..., jax.Array]
 
 
 def sensitivity_estimator(
@@ -159,6 +172,7 @@ def sensitivity_estimator(
     safety: float = 1.05,
     center_logits: bool = True,
     fd_step: float = 1e-2,
+    kl: str = "bound",
     axis_name: _logits.AxisName = None,
 ) -> SensitivityEstimator:
   """Round-robin, EMA-smoothed estimator of per-layer sensitivities ``β_ℓ``.
@@ -186,6 +200,9 @@ def sensitivity_estimator(
     safety: multiplier (>= 1 is conservative) applied to the smoothed ``β``.
     center_logits: center logit changes per token before taking norms.
     fd_step: relative finite-difference step (``sensitivity="fd"``).
+    kl: metric of the logit change: ``"bound"`` (centered Euclidean, the
+      seeds') or ``"fisher"`` (``sqrt(2·Var_p)``, the softmax Fisher norm at
+      the current logits); see :func:`~ebc_optax._logits.change_sq_sum`.
     axis_name: ``pmap``/``shard_map`` axis to all-reduce over.
 
   Returns:
@@ -200,6 +217,7 @@ def sensitivity_estimator(
   _validation.check_number("huber_ratio", huber_ratio, lo=1)
   _validation.check_number("safety", safety, lo=0, lo_open=True)
   _validation.check_number("fd_step", fd_step, lo=0, lo_open=True)
+  _validation.check_choice("kl", kl, _logits.KL_METRICS)
   if not callable(logits_fn):
     raise ValueError(f"logits_fn must be callable (params, batch) -> logits; got {logits_fn!r}.")
 
@@ -233,10 +251,10 @@ def sensitivity_estimator(
       def branch():
         inv = 1.0 / jnp.maximum(norms[layer], jnp.finfo(jnp.float32).tiny)
         direction = [update_leaves[i].astype(jnp.float32) * inv for i in idx]
-        dz = directional_logit_change(
+        z, dz = directional_logit_change(
             logits_fn, param_leaves, treedef, idx, direction, batch,
-            method=sensitivity, fd_step=fd_step)
-        return (_logits.logit_change_sq_sum(dz, center_logits),
+            method=sensitivity, fd_step=fd_step, with_primal=True)
+        return (_logits.change_sq_sum(dz, z, kl=kl, center=center_logits),
                 jnp.asarray(_logits.token_count(dz), jnp.float32))
       return branch
 
@@ -280,5 +298,25 @@ def sensitivity_estimator(
     return SensitivityState(layer_beta=beta, beta_measured=measured,
                             beta_cursor=cursor)
 
+  def linear_change(partition: _layers.LayerPartition, params: Any,
+                    updates: Any, batch: Any) -> jax.Array:
+    _logits.check_logits(jax.eval_shape(logits_fn, params, batch))
+    indices = [i for idx in partition.leaf_indices for i in idx]
+    if not indices:
+      return jnp.zeros([], jnp.float32)
+    param_leaves, treedef = jax.tree.flatten(params)
+    update_leaves = jax.tree.leaves(updates)
+    # Unit direction (an FD step must not depend on the update's size), then
+    # rescale: the change is linear in the direction.
+    direction = [update_leaves[i].astype(jnp.float32) for i in indices]
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(u)) for u in direction))
+    inv = 1.0 / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny)
+    z, dz = directional_logit_change(
+        logits_fn, param_leaves, treedef, indices, [u * inv for u in direction],
+        batch, method=sensitivity, fd_step=fd_step, with_primal=True)
+    return norm * _logits.per_token_change_norm(
+        dz, z, kl=kl, center=center_logits, axis_name=axis_name)
+
   return SensitivityEstimator(init=init, update=update,
-                              effective_beta=effective_beta)
+                              effective_beta=effective_beta,
+                              linear_change=linear_change)

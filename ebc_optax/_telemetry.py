@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from ebc_optax import _clip
-from ebc_optax import _guard
 from ebc_optax import _probe
 from ebc_optax import _safety
+from ebc_optax import _trust_region
 
 def _find(state: Any, kind: type) -> list[Any]:
   leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kind))
@@ -34,8 +34,14 @@ def telemetry(state: Any) -> dict[str, jax.Array]:
     counters ``step``, ``clipped_steps``, ``guard_trips``, ``probe_count``,
     ``nonfinite_skips``. Per layer (``[L]``, in the order of
     :func:`budget_layers`): ``beta`` (smoothed ``β_ℓ`` before the safety
-    factor) and ``contribution`` (``s_ℓ = safety·β_ℓ·‖ΔW_ℓ‖``). Pieces that
-    are absent from the composition report zeros.
+    factor) and ``contribution`` (``s_ℓ = safety·β_ℓ·‖ΔW_ℓ‖``). With
+    ``aggregate="exact"``: ``S_lin`` (last measured ``‖J ΔW‖``) and
+    ``calibration`` (``‖J ΔW‖ / S_L1`` then). With the trust-region
+    controller: ``rho_tr``, ``loss_change``, ``predicted_loss_change`` (at
+    the last evaluation) and counters ``tr_accepted``, ``tr_shrunk``,
+    ``tr_grown``. Pieces that are absent from the composition report zeros
+    shaped like ``c`` (so the dict has the same keys and leading axes, e.g.
+    the replica axis under ``pmap``, whatever the composition).
 
   Raises:
     ValueError: when the state holds no EBC state, or more than one (pass the
@@ -51,10 +57,13 @@ def telemetry(state: Any) -> dict[str, jax.Array]:
   clip = clips[0]
   probes = _find(state, _probe.KLProbeState)
   skips = _find(state, _safety.NonFiniteSkipState)
-  zero_f = jnp.zeros([], jnp.float32)
-  zero_i = jnp.zeros([], jnp.int32)
+  # Shaped like the clip's own scalars: under pmap they carry a replica axis.
+  zero_f = jnp.zeros_like(clip.clip_scale, jnp.float32)
+  zero_i = jnp.zeros_like(clip.ebc_step, jnp.int32)
   probe = probes[0] if probes else None
-  guard = probe.guard_state if probe is not None else _guard.init_guard_state()
+  trs = _find(state, _trust_region.TrustRegionState)
+  tr = trs[0] if trs else None
+  guard_trips = probe.guard_state.guard_trips if probe is not None else zero_i
   return {
       "c": clip.clip_scale,
       "S": clip.surrogate,
@@ -66,9 +75,18 @@ def telemetry(state: Any) -> dict[str, jax.Array]:
       "rho": probe.guard_ratio if probe is not None else zero_f,
       "beta": clip.sensitivity.layer_beta,
       "contribution": clip.layer_contribution,
+      "S_lin": clip.linear_change,
+      "calibration": clip.surrogate_calibration,
       "step": clip.ebc_step,
       "clipped_steps": clip.clipped_steps,
-      "guard_trips": guard.guard_trips,
+      "guard_trips": guard_trips,
       "probe_count": probe.probe_count if probe is not None else zero_i,
       "nonfinite_skips": skips[0].nonfinite_skips if skips else zero_i,
+      "rho_tr": tr.tr_ratio if tr is not None else zero_f,
+      "loss_change": tr.tr_loss_change if tr is not None else zero_f,
+      "predicted_loss_change": (tr.tr_predicted_change if tr is not None
+                                else zero_f),
+      "tr_accepted": tr.tr_accepted if tr is not None else zero_i,
+      "tr_shrunk": tr.tr_shrunk if tr is not None else zero_i,
+      "tr_grown": tr.tr_grown if tr is not None else zero_i,
   }

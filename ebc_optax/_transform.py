@@ -15,9 +15,10 @@ from ebc_optax import _logits
 from ebc_optax import _probe
 from ebc_optax import _safety
 from ebc_optax import _sensitivity
+from ebc_optax import _trust_region
 from ebc_optax import _validation
 
-CONTROLLERS = (None, "pi")
+CONTROLLERS = (None, "pi", "trust_region")
 
 
 def ellipsotope_budget_clip(
@@ -30,15 +31,18 @@ def ellipsotope_budget_clip(
     beta_ema: float = 0.9,
     safety: float = 1.05,
     aggregate: str = "l1",
+    kl: str = "bound",
+    exact_every: int = 1,
     center_logits: bool = True,
     include_embed_out: bool = False,
     sensitivity: str = "jvp",
     huber_ratio: float = 4.0,
     fd_step: float = 1e-2,
-    probe_batch_size: int | None = None,
+    probe_batch_size: _clip.ProbeBatchSize = 0.25,
     controller: str | _controller.KLController | None = "pi",
     guard: bool = True,
     probe_every: int = 20,
+    loss_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
     layer_labels: _layers.LayerLabelsFn | None = None,
     axis_name: _logits.AxisName = None,
     eps: float = 1e-12,
@@ -60,6 +64,15 @@ def ellipsotope_budget_clip(
   independent of the batch size: the seeds' ``τ = sqrt(4Bδ)`` over ``B``
   tokens is ours times ``√B`` (``c`` is identical).
 
+  Two modes go beyond the seeds (same API): ``aggregate="exact"`` replaces
+  the triangle-inequality surrogate by the linearised change of the whole
+  update, ``S = ‖J ΔW‖``, from one JVP; ``kl="fisher"`` measures changes in
+  the softmax Fisher norm ``sqrt(2·Var_p(dz))`` instead of the centered
+  Euclidean norm, so ``S²/4`` is the quadratic KL itself rather than a bound
+  on it and ``δ`` becomes the predicted KL of the clipped step (KL scales
+  with ``c²``). ``aggregate="exact", kl="fisher"`` sets ``c`` so that the
+  step's quadratic KL on the probe rows equals ``δ``.
+
   Composition (data flows by wrapping, as in ``optax.inject_hyperparams``)::
 
     skip_nonfinite(                       # zero step + count if anything is NaN/Inf
@@ -80,20 +93,35 @@ def ellipsotope_budget_clip(
       first update and never-measured layers).
     beta_ema: ``β`` EMA decay in ``[0, 1)``.
     safety: multiplier on ``β`` (> 0).
-    aggregate: ``"l1"`` (``Σ s_ℓ``) or ``"l2"`` (``√L·‖s‖₂``).
+    aggregate: ``"l1"`` (``Σ s_ℓ``), ``"l2"`` (``√L·‖s‖₂``) or ``"exact"``
+      (``‖J ΔW‖`` from one JVP of the whole update; no β needed).
+    kl: ``"bound"`` (centered Euclidean metric, ``KL ≤ S²/4``; the seeds') or
+      ``"fisher"`` (Fisher metric, ``KL ≈ S²/4``); applies to ``β``, ``S``
+      and the probe's ``T``.
+    exact_every: steps between ``‖J ΔW‖`` measurements with
+      ``aggregate="exact"`` (>= 1, static); in between, the L1 β-surrogate
+      rescaled by the last ``‖J ΔW‖ / S_L1``.
     center_logits: center logit changes per token (``β``, ``S``, ``T``).
     include_embed_out: keep embedding/output-head groups in the budget.
     sensitivity: ``"jvp"`` or ``"fd"``.
     huber_ratio: a fresh ``β`` estimate is clipped to within this factor of
       its EMA (>= 1).
     fd_step: relative finite-difference step (> 0).
-    probe_batch_size: use the first N rows of ``batch`` for ``β`` and the
-      probe (None: all rows). Under ``pmap`` this is per replica.
-    controller: ``"pi"`` (:func:`pi_controller` with the seeds' gains), a
+    probe_batch_size: rows of ``batch`` used for ``β``, ``‖J ΔW‖`` and the
+      probe: a float in ``(0, 1]`` is a fraction of the leading axis (the
+      first ``max(1, ceil(f·B))`` rows; default a quarter, the seeds' "tiny
+      probe batch"), an int a row count, None all rows. Under ``pmap`` /
+      ``shard_map`` the rows are taken per replica; under ``jax.jit`` from the
+      global batch.
+    controller: ``"pi"`` (:func:`pi_controller` with the seeds' gains),
+      ``"trust_region"`` (:func:`trust_region_radius`: δ adapted by the ratio
+      of actual to predicted loss decrease; needs ``loss_fn``), a
       :class:`KLController`, or None (fixed ``δ``).
     guard: shrink-only guard on the applied change.
     probe_every: steps between applied-KL probes (>= 0; 0 disables them, and
       with them the controller and the guard).
+    loss_fn: ``(logits, batch) -> scalar mean loss`` on the probe rows, for
+      controllers that need it (``"trust_region"``).
     layer_labels: ``params -> pytree of str`` overriding
       :func:`default_layer_labels`.
     axis_name: ``pmap``/``shard_map`` axis name; the JVP norms, the probe's
@@ -128,19 +156,24 @@ def ellipsotope_budget_clip(
   _validation.check_choice(
       "controller", controller if not isinstance(
           controller, _controller.KLController) else "pi", CONTROLLERS)
-  if isinstance(controller, str):
+  if controller == "pi":
     controller = _controller.pi_controller()
+  elif controller == "trust_region":
+    controller = _trust_region.trust_region_radius()
   estimator = _sensitivity.sensitivity_estimator(
       logits_fn, sensitivity=sensitivity, update_every=update_every,
       probe_layers=probe_layers, full_sweep_every=full_sweep_every,
       beta_ema=beta_ema, huber_ratio=huber_ratio, safety=safety,
-      center_logits=center_logits, fd_step=fd_step, axis_name=axis_name)
+      center_logits=center_logits, fd_step=fd_step, kl=kl,
+      axis_name=axis_name)
   clip = _clip.budget_clip(
       estimator, target_kl=target_kl, aggregate=aggregate,
+      exact_every=exact_every,
       layer_labels=layer_labels, include_embed_out=include_embed_out,
       probe_batch_size=probe_batch_size, eps=eps)
   probed = _probe.kl_probe(
       clip, logits_fn, target_kl=target_kl, controller=controller,
       guard=guard, probe_every=probe_every, probe_batch_size=probe_batch_size,
-      center_logits=center_logits, axis_name=axis_name, eps=eps)
+      center_logits=center_logits, kl=kl, loss_fn=loss_fn,
+      axis_name=axis_name, eps=eps)
   return _safety.skip_nonfinite(probed)

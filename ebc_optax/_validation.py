@@ -54,3 +54,18 @@ def check_number(name: str, value: Any, *, lo: float | None = None,
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
   if value not in choices:
     raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}.")
+
+
+def check_probe_batch_size(value: Any) -> None:
+  """``None`` (all rows), an int ``>= 1`` (rows) or a float in ``(0, 1]`` (a fraction)."""
+  if value is None:
+    return
+  if isinstance(value, (jax.Array, jax.core.Tracer)) or hasattr(value, "dtype"):
+    raise ValueError(
+        f"probe_batch_size must be static (a Python int or float); got "
+        f"{value!r}. With optax.inject_hyperparams add 'probe_batch_size' to "
+        "static_args.")
+  if isinstance(value, float):
+    check_number("probe_batch_size", value, lo=0, hi=1, lo_open=True)
+    return
+  check_number("probe_batch_size", value, lo=1, integer=True)

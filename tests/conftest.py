@@ -9,6 +9,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -56,15 +58,12 @@ def tiny():
 
 def np_center(x):
   """Per-token centering in float64 numpy."""
-  import numpy as np
   x = np.asarray(x, np.float64)
   return x - x.mean(-1, keepdims=True)
 
 
 def block_jacobian(logits_fn, params, batch, i):
   """[N*V, P] float64 Jacobian of the flattened logits w.r.t. block ``i``."""
-  import numpy as np
-  from jax.flatten_util import ravel_pytree
   flat, unravel = ravel_pytree(params["blocks"][i])
 
   def f(theta):
@@ -73,3 +72,23 @@ def block_jacobian(logits_fn, params, batch, i):
     return logits_fn({**params, "blocks": blocks}, batch).reshape(-1)
 
   return np.asarray(jax.jacfwd(f)(flat), np.float64)
+
+
+def random_like(key, tree, scale=1.0):
+  """A pytree like ``tree`` of ``scale``-sized standard normal draws."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(
+      treedef, [scale * jax.random.normal(k, x.shape, x.dtype)
+                for k, x in zip(keys, leaves)])
+
+
+def flat_block(tree, i):
+  """Block ``i`` of a tiny-model pytree as one float64 vector."""
+  return np.asarray(ravel_pytree(tree["blocks"][i])[0], np.float64)
+
+
+def block_norms(updates):
+  """``[‖ΔW_ℓ‖]`` over the tiny model's blocks (float64)."""
+  return np.asarray([np.linalg.norm(flat_block(updates, i))
+                     for i in range(len(updates["blocks"]))])

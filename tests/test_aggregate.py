@@ -227,7 +227,7 @@ def test_l2_surrogate_in_full_transform_bounds_aligned_layers():
   for aggregate in ("l1", "l2"):
     tx = ebc_optax.ellipsotope_budget_clip(
         _shared_logits_fn, 1e3, aggregate=aggregate, beta_ema=0.0, safety=1.0,
-        controller=None, guard=False, probe_every=0)
+        controller=None, guard=False, probe_every=0, probe_batch_size=None)
     state = tx.init(params)
     out, state = tx.update(updates, state, params, batch=x)
     stats = ebc_optax.telemetry(state)

@@ -1,7 +1,6 @@
 """The shrink-only guard on the applied logit change."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

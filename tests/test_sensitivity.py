@@ -12,13 +12,15 @@ import pytest
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
-from jax.flatten_util import ravel_pytree
 
 import ebc_optax
 from ebc_optax import _layers
 from ebc_optax import _sensitivity
 from conftest import block_jacobian
+from conftest import block_norms
+from conftest import flat_block
 from conftest import np_center
+from conftest import random_like
 from conftest import tiny_batch
 from conftest import tiny_logits_fn
 from conftest import tiny_params
@@ -37,10 +39,6 @@ def block_jacobians(params, batch, logits_fn=tiny_logits_fn):
           for i in range(len(params["blocks"]))]
 
 
-def flat_block(tree, i):
-  return np.asarray(ravel_pytree(tree["blocks"][i])[0], np.float64)
-
-
 def brute_betas(jacs, updates, n_tokens, vocab):
   """β_ℓ = ‖center(J_ℓ U_ℓ)‖ / sqrt(N); NaN for a zero update."""
   out = []
@@ -55,23 +53,11 @@ def brute_betas(jacs, updates, n_tokens, vocab):
   return np.asarray(out)
 
 
-def block_norms(updates):
-  return np.asarray([np.linalg.norm(flat_block(updates, i))
-                     for i in range(len(updates["blocks"]))])
-
-
-def random_like(key, tree, scale=1.0):
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(
-      treedef, [scale * jax.random.normal(k, x.shape, x.dtype)
-                for k, x in zip(keys, leaves)])
-
-
 def make_tx(target_kl=0.05, **kw):
   kw.setdefault("controller", None)
   kw.setdefault("guard", False)
   kw.setdefault("beta_ema", 0.0)
+  kw.setdefault("probe_batch_size", None)  # brute force is on the whole batch
   kw.setdefault("safety", 1.0)
   return ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, target_kl, **kw)
 

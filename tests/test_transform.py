@@ -104,9 +104,15 @@ def test_inside_inject_hyperparams(tiny):
   _, state, _, step = _train(outer, params, batch, 3)
   assert int(ebc_optax.telemetry(state)["step"]) == 3
   # ... and EBC's own target_kl injected (a scheduled δ with a fixed-δ clip).
-  # Callables must be static, or inject_hyperparams takes them for schedules.
-  inner = optax.inject_hyperparams(ebc_optax.ellipsotope_budget_clip,
-                                   static_args=("logits_fn",))(
+  # Callables must be static, or inject_hyperparams takes them for schedules;
+  # probe_batch_size slices the batch, so it must be static too.
+  with pytest.raises(ValueError, match="static_args"):
+    optax.inject_hyperparams(ebc_optax.ellipsotope_budget_clip,
+                             static_args=("logits_fn",))(
+        logits_fn=tiny_logits_fn, target_kl=0.02, controller=None).init(params)
+  inner = optax.inject_hyperparams(
+      ebc_optax.ellipsotope_budget_clip,
+      static_args=("logits_fn", "probe_batch_size"))(
       logits_fn=tiny_logits_fn, target_kl=0.02, controller=None)
   tx = optax.chain(optax.adam(1e-2), inner)
   _, state, _, step = _train(tx, params, batch, 2)

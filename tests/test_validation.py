@@ -18,7 +18,7 @@ BAD_HYPERPARAMETERS = [
     ("beta_ema", 1.0, r"beta_ema must be in \[0, 1\)"),
     ("beta_ema", -0.1, r"beta_ema must be in \[0, 1\)"),
     ("safety", 0.0, r"safety must be in \(0"),
-    ("aggregate", "linf", r"aggregate must be one of \('l1', 'l2'\)"),
+    ("aggregate", "linf", r"aggregate must be one of \('l1', 'l2', 'exact'\)"),
     ("sensitivity", "vjp", r"sensitivity must be one of \('jvp', 'fd'\)"),
     ("huber_ratio", 0.5, r"huber_ratio must be in \[1"),
     ("fd_step", 0.0, r"fd_step must be in \(0"),

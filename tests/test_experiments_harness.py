@@ -196,3 +196,209 @@ def test_autopilot_runs_every_stage_and_resumes(tmp_path, capsys):
   mtimes = {p: p.stat().st_mtime for p in out.glob("*/*/summary.json")}
   assert cli.main(argv) == 0
   assert all(p.stat().st_mtime == t for p, t in mtimes.items())
+
+
+# --- energy-budget clipping arm ------------------------------------------------
+
+def test_energy_arm_config_and_chain():
+  assert "energy" in config_lib.CLIPS
+  cfg = smoke("optim.clip=\"energy\"", "optim.energy_ratio=0.05")
+  assert cfg.optim.energy_ratio == 0.05 and config_lib.Config().optim.energy_ratio == 0.1
+  for bad in ("0", "-0.1", "\"x\"", "true"):
+    with pytest.raises(ValueError, match=r"optim.energy_ratio must be in \(0, inf\)"):
+      smoke("optim.clip=\"energy\"", f"optim.energy_ratio={bad}")
+  from ebc_optax._energy import EnergyBudgetClipState
+  run = train_lib.build_run(cfg)
+  state = run.tx.init(run.params)
+  # The energy clip comes first in the chain, before the base optimizer.
+  assert isinstance(state[0], EnergyBudgetClipState)
+  assert state[0].energy_scale.shape == (len(run.energy_layers),)
+  assert set(run.energy_layers) == set(
+      jax.tree.leaves(train_lib.ebc_optax.default_layer_labels(run.params)))
+
+
+def test_training_with_energy_clip_logs_the_ratios(tmp_path):
+  cfg = smoke("optim.clip=\"energy\"", "train.steps=30", "optim.lr=0.01",
+              "optim.energy_ratio=0.05")
+  summary = train_lib.train(cfg, tmp_path / "run")
+  records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert summary["status"] == "ok" and summary["steps"] == 30
+  assert records[-1]["train_loss"] < records[0]["train_loss"]
+  layers = {"tok_embed", "blocks/0", "blocks/1", "lm_head"}
+  for r in records:
+    assert set(r["energy_ratios"]) == layers and set(r["energy_scale"]) == layers
+    finite = [v for v in r["energy_ratios"].values() if v is not None]
+    assert r["energy_ratio_max"] == pytest.approx(max(finite))
+    assert all(0 < s <= 1 for s in r["energy_scale"].values())
+    # A layer was clipped exactly when its ratio exceeded the budget.
+    for label, ratio in r["energy_ratios"].items():
+      assert (r["energy_scale"][label] < 1) == (ratio > 0.05), (label, r)
+    assert "c" not in r  # no EBC telemetry in this arm
+  assert records[-1]["energy_clipped_steps"] >= 1
+  assert 0 < summary["energy_clip_rate"] <= 1
+  assert summary["energy_ratio"] == 0.05 and summary["energy_ratio_max_median"] > 0
+  # Resuming an energy run works like any other (the state is in the checkpoint).
+  assert train_lib.train(cfg, tmp_path / "run", resume=True)["steps"] == 30
+
+
+def test_runners_accept_the_clip_arms(tmp_path):
+  base = smoke()
+  grid = dict(optimizers=["adam"], spectral=["none"], deltas=[0.05],
+              aggregates=["l1"], lrs=[0.003], lr_scales=[1.0], seeds=[0],
+              controller="on")
+  arms = sweeps.shakespeare_arms(base, clips=["none", "global", "ebc", "energy"],
+                                 energy_ratios=[0.1, 0.2], **grid)
+  assert [a.name for a in arms] == [
+      "adam_none_baseline", "adam_none_global1", "adam_none_ebc_d0.05_l1",
+      "adam_none_energy_r0.1", "adam_none_energy_r0.2"]
+  assert [a.cfg.optim.clip for a in arms] == ["none", "global", "ebc", "energy", "energy"]
+  assert [a.labels["energy_ratio"] for a in arms] == [None, None, None, 0.1, 0.2]
+  assert arms[3].cfg.optim.energy_ratio == 0.1
+  # The older --ebc off,on still gives the same arms as --clips none,ebc.
+  legacy = sweeps.shakespeare_arms(base, ebc=["off", "on"], **grid)
+  assert [a.name for a in legacy] == [a.name for a in sweeps.shakespeare_arms(
+      base, clips=["none", "ebc"], **grid)] == ["adam_none_baseline",
+                                                "adam_none_ebc_d0.05_l1"]
+  assert [a.name for a in sweeps.shakespeare_arms(base, **grid)] == [a.name for a in legacy]
+  with pytest.raises(ValueError, match="give one of them"):
+    sweeps.shakespeare_arms(base, ebc=["on"], clips=["energy"], **grid)
+  with pytest.raises(ValueError, match="--clips values must be in"):
+    sweeps.shakespeare_arms(base, clips=["spectral"], **grid)
+  with pytest.raises(ValueError, match="--ebc values must be 'off' or 'on'"):
+    sweeps.shakespeare_arms(base, ebc=["maybe"], **grid)
+
+
+def test_shakespeare_ablation_runs_global_and_energy_arms(tmp_path, capsys):
+  text = tmp_path / "corpus.txt"
+  rng = np.random.default_rng(0)
+  text.write_text("".join(rng.choice(list("abcdefgh \n"), size=20_000)))
+  out = tmp_path / "sweep"
+  argv = ["shakespeare-ablation", "--data-path", str(text), "--steps", "4",
+          "--batch_size", "4", "--seq_len", "16", "--num_blocks", "2",
+          "--d_embed", "16", "--num_heads", "2", "--optimizers", "adam",
+          "--spectral", "none", "--clips", "global,energy", "--out", str(out),
+          "--no-progress", "--set", "train.eval_batches=1",
+          "--set", "train.checkpoint_every=0"]
+  assert cli.main(argv) == 0
+  with open(out / "summary.csv") as f:
+    rows = {r["run"]: r for r in csv.DictReader(f)}
+  assert set(rows) == {"adam_none_global1", "adam_none_energy_r0.1"}
+  energy = rows["adam_none_energy_r0.1"]
+  assert energy["clip"] == "energy" and energy["energy_ratio"] == "0.1"
+  assert energy["status"] == "ok" and float(energy["energy_ratio_max_median"]) > 0
+  assert rows["adam_none_global1"]["clip"] == "global"
+  # --ebc and --clips together are refused with a clear message.
+  assert cli.main(argv + ["--ebc", "on"]) == 2
+  assert "give one of them" in capsys.readouterr().err
+
+
+def test_ablate_takes_the_energy_arm(tmp_path, monkeypatch, capsys):
+  # The ablate grid itself is exercised by test_ablate_prints_the_reference_columns;
+  # here only the arms it builds (training is stubbed out).
+  seen = []
+
+  def fake_run_arms(arms, out_dir, progress=False):
+    seen.extend(arms)
+    return [{"val_loss": 1.0, "val_acc": 0.5, "avg_c": 1.0, "entropy_floor": 0.5}
+            for _ in arms]
+
+  monkeypatch.setattr(sweeps, "run_arms", fake_run_arms)
+  assert cli.main(["ablate", "--steps", "2", "--out", str(tmp_path),
+                   "--clips", "none,energy"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[0].startswith("optimizer,ebc,spectral,final_loss,final_acc,ebc_c")
+  assert lines[0].endswith(",clip")
+  rows = {(r[0], r[1], r[2], r[-1]) for r in (l.split(",") for l in lines[1:])}
+  assert rows == {(o, "0", s, c) for o in ("adam", "muon") for s in ("none", "spec")
+                  for c in ("none", "energy")}
+  assert {a.name for a in seen} >= {"adam_ebc0_none", "adam_energy_none",
+                                    "muon_energy_spec"}
+  assert {a.cfg.optim.clip for a in seen} == {"none", "energy"}
+  assert cli.main(["ablate", "--clips", "clip_everything", "--out", str(tmp_path)]) == 2
+  assert "--clips values must be in" in capsys.readouterr().err
+
+
+# --- trust-region arm and the study ----------------------------------------------
+
+def test_training_with_the_trust_region_radius_logs_its_decisions(tmp_path):
+  cfg = smoke("ebc.controller=\"trust_region\"", "ebc.aggregate=\"exact\"",
+              "ebc.kl=\"fisher\"", "ebc.target_kl=0.001", "ebc.probe_every=2",
+              "optim.lr=0.01")
+  summary = train_lib.train(cfg, tmp_path / "run")
+  assert summary["status"] == "ok"
+  records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").open()]
+  last = records[-1]
+  assert last["tr_shrunk"] + last["tr_grown"] >= 1
+  assert last["probe_count"] == 15
+  deltas = {r["delta"] for r in records}
+  assert len(deltas) > 1  # the radius moved from its start
+  # The applied KL is compared with the δ in use, not with the start value.
+  assert summary["applied_kl_ref_mean"] != pytest.approx(0.001)
+  assert 0 <= summary["applied_kl_within_30pct"] <= 1
+
+
+def test_next_token_loss_is_the_training_loss_within_the_inputs():
+  from ebc_optax.experiments import optim
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 7, (3, 9))
+  logits = rng.normal(size=(3, 9, 7)).astype(np.float32)
+  logp = logits[:, :-1] - np.log(np.exp(logits[:, :-1]).sum(-1, keepdims=True))
+  want = -np.mean(np.take_along_axis(logp, tokens[:, 1:, None], -1))
+  assert float(optim.next_token_loss(logits, tokens)) == pytest.approx(want, rel=1e-5)
+
+
+def test_study_runs_every_stage_resumes_and_reports(tmp_path, capsys):
+  from ebc_optax.experiments import study
+  base = json.loads(SMOKE.read_text())
+  base["optim"]["clip"] = "none"
+  base["train"].update(steps=6, eval_interval=6, checkpoint_every=0)
+  out = tmp_path / "study"
+  kw = dict(base=base, seeds=(0,), tune_lrs=(1e-3, 3e-3), lr_scales=(1.0, 8.0),
+            only=("none", "fisher_d0.01", "fisher_d0.03", "fisher_tr_d0.01",
+                  "fisher_pi", "global_clip_n10"),
+            progress=False)
+  result = study.run_study(out, **kw)
+  lr = result["lr"]
+  assert lr in (1e-3, 3e-3)
+  arms = {(r["arm"], r["lr_scale"]) for r in result["rows"]}
+  assert {("none", 1.0), ("none", 8.0), ("fisher_tr_d0.01", 8.0),
+          ("fisher_pi", 1.0), ("global_clip_n10", 1.0)} <= arms
+  for r in result["rows"]:
+    assert r["lr"] == pytest.approx(lr * r["lr_scale"])
+  text = (out / "study.md").read_text()
+  for heading in ("## LR tuning", "## Arms", "Against the bar",
+                  "## Trust-region radius vs the best fixed δ",
+                  "### exact Fisher clip, fixed δ"):
+    assert heading in text
+  for name in ("val_vs_lr.png", "curves_x2.png", "curves_x4.png", "tr_delta.png"):
+    assert (out / name).stat().st_size > 0
+  with open(out / "study.csv") as f:
+    assert len(list(csv.DictReader(f))) == len(result["rows"]) + 2
+  # A rerun trains nothing: every run is read back from its summary.json.
+  stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
+  again = study.run_study(out, **kw)
+  assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == stamps
+  assert again["summary"] == result["summary"]
+  # The directory is tied to its settings: other settings are an error, not
+  # a silent reuse of runs that used different ones.
+  with pytest.raises(ValueError, match="different config.*train.steps"):
+    study.run_study(out, **{**kw, "steps": 7})
+
+
+def test_study_command_line(tmp_path, monkeypatch, capsys):
+  from ebc_optax.experiments import study
+  seen = {}
+
+  def fake_run_study(out, **kw):
+    seen.update(kw, out=out)
+    (out / "study.md").parent.mkdir(parents=True, exist_ok=True)
+    (out / "study.md").write_text("# Study\n")
+    return {"figures": []}
+
+  monkeypatch.setattr(study, "run_study", fake_run_study)
+  assert cli.main(["study", "--out", str(tmp_path / "s"), "--steps", "6",
+                   "--seeds", "0", "--lr_scales", "1,8", "--only", "none,energy",
+                   "--no-knobs", "--no-progress"]) == 0
+  assert "# Study" in capsys.readouterr().out
+  assert seen == dict(out=tmp_path / "s", steps=6, seeds=[0], lr_scales=[1.0, 8.0],
+                      only=["none", "energy"], knobs=False, progress=False)

@@ -211,3 +211,89 @@ def test_mlp_invalid_arguments():
     M.MLP(2, 0, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="param_dtype"):
     M.MLP(2, 2, param_dtype=jnp.int32, rngs=nnx.Rngs(0))
+
+
+# --- activation norms for energy-budget clipping ----------------------------------
+
+def _np_activation_norm(x):
+  x = np.asarray(x, np.float64)
+  return np.sqrt(np.mean(np.sum(x.reshape(-1, x.shape[-1]) ** 2, axis=-1)))
+
+
+def _dot_count(fn, *args):
+  jaxpr = jax.make_jaxpr(fn)(*args)
+  return str(jaxpr).count("dot_general")
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_gpt_activation_norms_come_from_the_same_forward_pass(positions):
+  model = M.GPT(VOCAB, rngs=nnx.Rngs(0), positions=positions, **TINY)
+  fns = M.functional(model)
+  x = tokens()
+  logits, norms = jax.jit(fns.apply_with_activations)(fns.params, x)
+  np.testing.assert_allclose(logits, jax.jit(fns.apply_fn)(fns.params, x), atol=1e-6)
+  # Labels are exactly the default layer labels of the params.
+  assert set(norms) == set(jax.tree.leaves(ebc_optax.default_layer_labels(fns.params)))
+  assert all(v.shape == () and v.dtype == jnp.float32 for v in norms.values())
+  # Brute force: run the modules by hand and take the documented activations.
+  h = model.tok_embed(x)
+  expected = {"tok_embed": _np_activation_norm(h)}
+  if positions == "learned":
+    pos = model.pos_embed(jnp.arange(x.shape[1]))[None]
+    expected["pos_embed"] = _np_activation_norm(pos)
+    h = h + pos
+  for i, block in enumerate(model.blocks):
+    expected[f"blocks/{i}"] = _np_activation_norm(h)  # the block's input
+    h = block(h)
+  expected["lm_head"] = _np_activation_norm(h)  # the head's input
+  assert set(expected) == set(norms)
+  for label, value in expected.items():
+    np.testing.assert_allclose(norms[label], value, rtol=1e-5, err_msg=label)
+  # One forward pass: no more matmuls than the plain forward.
+  assert (_dot_count(fns.apply_with_activations, fns.params, x)
+          == _dot_count(fns.apply_fn, fns.params, x))
+  # The plain call still leaves nothing but Params on the module.
+  model(x)
+  assert not jax.tree.leaves(nnx.state(model, nnx.Not(nnx.Param)))
+
+
+def test_activation_norms_as_aux_of_grad_jit_once_and_keep_bf16():
+  fns = M.functional(M.GPT(VOCAB, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16, **TINY))
+  traces = []
+
+  def loss(params, batch):
+    logits, norms = fns.apply_with_activations(params, batch)
+    logp = jax.nn.log_softmax(logits[:, :-1])
+    return -jnp.mean(jnp.take_along_axis(logp, batch[:, 1:, None], -1)), norms
+
+  @jax.jit
+  def step(params, batch):
+    traces.append(1)
+    return jax.value_and_grad(loss, has_aux=True)(params, batch)
+
+  for seed in range(3):
+    (value, norms), grads = step(fns.params, tokens(seed))
+    assert np.isfinite(float(value))
+    assert all(v.dtype == jnp.float32 and float(v) > 0 for v in norms.values())
+  assert len(traces) == 1
+  assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_mlp_activation_norms():
+  model = M.MLP(3, 2, hidden=(4, 5), rngs=nnx.Rngs(0))
+  fns = M.functional(model)
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 3))
+  logits, norms = fns.apply_with_activations(fns.params, x)
+  np.testing.assert_allclose(logits, model(x), atol=1e-6)
+  h0 = x
+  h1 = model.blocks[0](h0)
+  h2 = model.blocks[1](h1)
+  expected = {"blocks/0": h0, "blocks/1": h1, "head": h2}
+  assert set(norms) == set(expected)
+  for label, h in expected.items():
+    np.testing.assert_allclose(norms[label], _np_activation_norm(h), rtol=1e-5)
+
+
+def test_two_norms_in_one_group_are_an_error():
+  with pytest.raises(ValueError, match="blocks/0"):
+    M.activation_norms_by_label({"blocks": {0: {"a": jnp.ones(()), "b": jnp.ones(())}}})

@@ -54,7 +54,8 @@ def cmd_train(args) -> int:
 def cmd_ablate(args) -> int:
   from ebc_optax.experiments import sweeps
   out = pathlib.Path(args.out or DEFAULT_OUT / "ablate" / _timestamp())
-  sweeps.ablate(out, steps=args.steps, sets=args.set or [], progress=args.progress)
+  sweeps.ablate(out, steps=args.steps, sets=args.set or [], progress=args.progress,
+                clips=args.clips)
   print(f"# runs in {out}", file=sys.stderr)
   return 0
 
@@ -74,6 +75,7 @@ def cmd_shakespeare(args) -> int:
   out = pathlib.Path(args.out or DEFAULT_OUT / "ebc_ablation" / _timestamp())
   sweeps.shakespeare_ablation(
       base, out, optimizers=args.optimizers, spectral=args.spectral, ebc=args.ebc,
+      clips=args.clips, energy_ratios=args.energy_ratios,
       deltas=args.deltas, aggregates=args.aggregates,
       lrs=args.lrs or [base.optim.lr], lr_scales=args.lr_scales, seeds=args.seeds,
       controller=args.controller, progress=not args.no_progress)
@@ -89,6 +91,18 @@ def cmd_autopilot(args) -> int:
                       lr_multipliers=args.lr_multipliers, deltas=args.deltas, lr_scales=args.lr_scales,
                       seeds=args.seeds, progress=not args.no_progress)
   print(f"# outputs in {out}")
+  return 0
+
+
+def cmd_study(args) -> int:
+  from ebc_optax.experiments import study
+  out = pathlib.Path(args.out)
+  result = study.run_study(out, steps=args.steps, seeds=args.seeds,
+                           lr_scales=args.lr_scales, only=args.only,
+                           knobs=not args.no_knobs, progress=not args.no_progress)
+  print((out / "study.md").read_text())
+  for path in result["figures"]:
+    print(f"# figure: {path}", file=sys.stderr)
   return 0
 
 
@@ -128,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
   p.add_argument("--out", help="sweep directory (default: outputs/ablate/<timestamp>)")
   p.add_argument("--progress", action="store_true", help="show progress bars")
+  p.add_argument("--clips", type=_csv(str), default=["none", "ebc"],
+                 help=f"clipping arms, from {config_lib.CLIPS} (set "
+                      "optim.energy_ratio / optim.global_clip_norm with --set)")
   p.set_defaults(func=cmd_ablate)
 
   p = sub.add_parser("shakespeare-ablation", formatter_class=fmt,
@@ -141,7 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--num_heads", type=int)
   p.add_argument("--optimizers", type=_csv(str), default=["adam", "muon"])
   p.add_argument("--spectral", type=_csv(str), default=["none", "spec"])
-  p.add_argument("--ebc", type=_csv(str), default=["off", "on"])
+  p.add_argument("--ebc", type=_csv(str), default=None,
+                 help="EBC arms off,on (default when --clips is not given); "
+                      "same as --clips none,ebc")
+  p.add_argument("--clips", type=_csv(str), default=None,
+                 help=f"clipping arms, from {config_lib.CLIPS}; replaces --ebc")
+  p.add_argument("--energy_ratios", type=_csv(float), default=None,
+                 help="ratios of the energy arm (default: optim.energy_ratio)")
   p.add_argument("--deltas", type=_csv(float), default=[0.05, 0.1])
   p.add_argument("--aggregates", type=_csv(str), default=["l1"])
   p.add_argument("--lrs", type=_csv(float), default=None,
@@ -167,6 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", help="directory (default: outputs/ebc_ablation/autopilot)")
   p.add_argument("--no-progress", action="store_true")
   p.set_defaults(func=cmd_autopilot)
+
+  p = sub.add_parser("study", formatter_class=fmt,
+                     help="which EBC trains best across LRs: tune adam, then "
+                          "every clipping arm at LR x1..x8, 2 seeds (resumable)")
+  p.add_argument("--out", default=str(DEFAULT_OUT / "study"),
+                 help="study directory; rerun with the same one to resume")
+  p.add_argument("--steps", type=int, default=None,
+                 help="steps per run (default: the study preset, 1500)")
+  p.add_argument("--seeds", type=_csv(int), default=[0, 1])
+  p.add_argument("--lr_scales", type=_csv(float), default=None,
+                 help="override every arm's LR scales")
+  p.add_argument("--only", type=_csv(str), default=None,
+                 help="run only these arms (tables cover every finished run)")
+  p.add_argument("--no-knobs", action="store_true",
+                 help="skip the knob sweeps of the single-knob arms")
+  p.add_argument("--no-progress", action="store_true")
+  p.set_defaults(func=cmd_study)
 
   p = sub.add_parser("sample", formatter_class=fmt, help="generate text from a run")
   p.add_argument("--checkpoint", required=True, help="a run directory")

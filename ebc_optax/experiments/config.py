@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -21,7 +22,7 @@ from ebc_optax import _config as ebc_config
 DTYPES = ("float32", "bfloat16")
 DATASETS = ("markov", "shakespeare", "text")
 OPTIMIZERS = ("adam", "muon", "sgd")
-CLIPS = ("none", "global", "ebc")
+CLIPS = ("none", "global", "ebc", "energy")
 SPECTRAL = ("none", "spec_normalize", "hard_cap", "spec_hammer")
 
 
@@ -59,8 +60,9 @@ class OptimConfig:
   b1: float = 0.9
   b2: float = 0.999
   weight_decay: float = 0.0  # decoupled, applied after the clip
-  clip: str = "none"  # "none" | "global" | "ebc"
+  clip: str = "none"  # "none" | "global" | "ebc" | "energy"
   global_clip_norm: float = 1.0
+  energy_ratio: float = 0.1  # clip="energy": ‖∇L_ℓ‖ ≤ energy_ratio · ‖a_ℓ‖
   spectral: str = "none"
   w_max: float = 1.0
   spectral_method: str = "power"  # or "svd"
@@ -134,6 +136,10 @@ def validate(cfg: Config) -> Config:
     value = getattr(getattr(cfg, section), key)
     if not value > 0:
       raise ValueError(f"{section}.{key} must be > 0; got {value!r}.")
+  ratio = cfg.optim.energy_ratio
+  if (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+      or not math.isfinite(ratio) or ratio <= 0):
+    raise ValueError(f"optim.energy_ratio must be in (0, inf); got {ratio!r}.")
   if cfg.optim.clip == "ebc" and not cfg.ebc.enable:
     raise ValueError("optim.clip='ebc' contradicts ebc.enable=false; the EBC "
                      "arm is chosen with optim.clip.")

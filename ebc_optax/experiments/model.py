@@ -17,6 +17,19 @@ The optimiser and the EBC transform see the models through plain functions::
   apply_fn, params = init_gpt(jax.random.PRNGKey(0), vocab_size=65)
   logits = apply_fn(params, tokens)            # [B, T] int -> [B, T, V] float32
 
+For energy-budget clipping the same forward pass also reports one activation
+norm per layer group, recorded with ``Module.sow`` and collected with
+``nnx.capture`` (no second forward pass)::
+
+  fns = functional(GPT(65, rngs=nnx.Rngs(0)))
+  logits, norms = fns.apply_with_activations(fns.params, tokens)
+  # norms == {"tok_embed": ..., "blocks/0": ..., ..., "lm_head": ...}
+
+The labels are those of :func:`ebc_optax.default_layer_labels` of ``params``
+and each value is :func:`ebc_optax.activation_norm` (per-token RMS of
+the L2 norm, float32) of the group's activation: the *output* of an embedding,
+the *input* (residual stream) of a block, the *input* of the output head.
+
 ``params`` is a nested ``dict`` of arrays (paths such as
 ``("blocks", 0, "attn", "qkv", "kernel")``) and ``apply_fn`` is a pure function
 of it, so it works under ``jax.jit``, ``jax.grad`` and ``jax.jvp``.
@@ -30,14 +43,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import ebc_optax
+
 Params = dict[str, Any]
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
+ActivationNorms = dict[str, jax.Array]
+ApplyWithActivationsFn = Callable[[Params, jax.Array],
+                                  tuple[jax.Array, ActivationNorms]]
+
+# The name under which each layer group's activation norm is sown.
+ACTIVATION_NORM = "activation_norm"
 
 POSITIONS = ("rope", "learned")
 PARAM_DTYPES = ("float32", "bfloat16")
@@ -106,6 +127,45 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   cos, sin = cos[None, :, None, :], sin[None, :, None, :]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
+
+
+# --- activation norms -------------------------------------------------------------
+
+def record_activation_norm(module: nnx.Module, x: jax.Array) -> None:
+  """Sows ``activation_norm(x)`` on ``module`` as an ``nnx.Intermediate``.
+
+  ``module`` is the layer group the norm belongs to (a child may be passed by
+  its parent), so the intermediate's path starts with the group's parameter
+  path and :func:`activation_norms_by_label` can label it.
+  """
+  module.sow(nnx.Intermediate, ACTIVATION_NORM, ebc_optax.activation_norm(x),
+             reduce_fn=lambda _, new: new, init_fn=lambda: None)
+
+
+def activation_norms_by_label(intermediates: Any) -> ActivationNorms:
+  """``{layer label: norm}`` from the captured intermediates of a forward pass.
+
+  Args:
+    intermediates: the ``nnx.Intermediate`` state from ``nnx.capture`` (or its
+      pure dict), one scalar per layer group.
+
+  Returns:
+    A dict keyed by :func:`ebc_optax.default_layer_labels` of the paths.
+
+  Raises:
+    ValueError: when two recorded norms fall in the same layer group.
+  """
+  if isinstance(intermediates, nnx.State):
+    intermediates = nnx.to_pure_dict(intermediates)
+  labels = jax.tree.leaves(ebc_optax.default_layer_labels(intermediates))
+  values = jax.tree.leaves(intermediates)
+  out: ActivationNorms = {}
+  for label, value in zip(labels, values):
+    if label in out:
+      raise ValueError(f"More than one activation norm recorded for layer "
+                       f"{label!r}; record one per layer group.")
+    out[label] = value
+  return out
 
 
 # --- GPT -------------------------------------------------------------------------
@@ -200,6 +260,11 @@ class GPT(nnx.Module):
   (embedding), ``blocks/0`` ... ``blocks/{L-1}`` (budgeted) and ``lm_head``
   (final norm + output projection).
 
+  With ``record_activations=True`` (under ``nnx.capture``), the call sows one
+  activation norm per group: ``tok_embed`` ``‖E[x]‖``, ``pos_embed``
+  ``‖P[t]‖``, ``blocks/ℓ`` ``‖h_ℓ‖`` (the block's input) and ``lm_head``
+  ``‖h_L‖`` (the head's input), each :func:`ebc_optax.activation_norm`.
+
   Args:
     vocab_size: number of token ids ``V``.
     num_blocks: number of transformer blocks ``L``.
@@ -252,8 +317,13 @@ class GPT(nnx.Module):
         for _ in range(num_blocks)])
     self.lm_head = LMHead(d_embed, vocab_size, param_dtype=dtype, rngs=rngs)
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    """``[B, T]`` int tokens (``T <= seq_len``) -> ``[B, T, V]`` float32 logits."""
+  def __call__(self, tokens: jax.Array, *,
+               record_activations: bool = False) -> jax.Array:
+    """``[B, T]`` int tokens (``T <= seq_len``) -> ``[B, T, V]`` float32 logits.
+
+    ``record_activations`` sows the per-group activation norms (use it under
+    ``nnx.capture``; see :func:`functional`).
+    """
     if tokens.ndim != 2:
       raise ValueError(f"tokens must have shape [B, T]; got {tokens.shape}.")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -263,10 +333,19 @@ class GPT(nnx.Module):
       raise ValueError(
           f"sequence length {t} exceeds the model's seq_len={self.seq_len}.")
     h = self.tok_embed(tokens)
+    if record_activations:
+      record_activation_norm(self.tok_embed, h)
     if self.positions == "learned":
-      h = h + self.pos_embed(jnp.arange(t))[None]
+      pos = self.pos_embed(jnp.arange(t))[None]
+      if record_activations:
+        record_activation_norm(self.pos_embed, pos)
+      h = h + pos
     for block in self.blocks:
+      if record_activations:
+        record_activation_norm(block, h)
       h = block(h)
+    if record_activations:
+      record_activation_norm(self.lm_head, h)
     return self.lm_head(h).astype(jnp.float32)
 
 
@@ -292,7 +371,8 @@ class MLP(nnx.Module):
     z = W_{\mathrm{head}} h_L + b_{\mathrm{head}} .
 
   Parameter groups (EBC default labels): ``blocks/0`` ... (budgeted) and
-  ``head`` (output).
+  ``head`` (output). ``record_activations=True`` sows the norm of each
+  group's input (see :class:`GPT`).
 
   Args:
     in_dim: input features.
@@ -325,13 +405,18 @@ class MLP(nnx.Module):
                            rngs=rngs)
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *,
+               record_activations: bool = False) -> jax.Array:
     """``[B, in_dim]`` features -> ``[B, num_classes]`` float32 logits."""
     if x.ndim != 2 or x.shape[-1] != self.in_dim:
       raise ValueError(f"x must have shape [B, {self.in_dim}]; got {x.shape}.")
     h = x.astype(self.dtype)
     for block in self.blocks:
+      if record_activations:
+        record_activation_norm(block, h)
       h = block(h)
+    if record_activations:
+      record_activation_norm(self.head, h)
     return self.head(h).astype(jnp.float32)
 
 
@@ -358,6 +443,30 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Params]:
   return graphdef, nnx.to_pure_dict(state)
 
 
+def _module_builder(graphdef: nnx.GraphDef, template_state: Any
+                    ) -> Callable[[Params], nnx.Module]:
+  """``params -> fresh module``: checks the structure, copies no arrays."""
+  if not isinstance(template_state, nnx.State):
+    template_state = nnx.split(nnx.merge(graphdef, template_state), nnx.Param)[1]
+  expected = jax.tree.structure(nnx.to_pure_dict(template_state))
+  state_def = jax.tree.structure(template_state)
+  # Shape-only placeholders: the template's arrays are not kept alive.
+  placeholders = [jax.ShapeDtypeStruct(x.shape, x.dtype)
+                  for x in jax.tree.leaves(template_state)]
+
+  def build(params: Params) -> nnx.Module:
+    if jax.tree.structure(params) != expected:
+      raise ValueError(
+          "params must have the structure of the model's parameters; got "
+          f"{jax.tree.structure(params)}, expected {expected}.")
+    # Fresh Variables: a copy of the template's structure, then the values.
+    state = jax.tree.unflatten(state_def, placeholders)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+  return build
+
+
 def make_apply_fn(graphdef: nnx.GraphDef, template_state: Any) -> ApplyFn:
   """A pure ``(params, inputs) -> logits`` function for an NNX module.
 
@@ -375,30 +484,66 @@ def make_apply_fn(graphdef: nnx.GraphDef, template_state: Any) -> ApplyFn:
   Returns:
     ``apply_fn(params, inputs)``; ``params`` may have any float dtype.
   """
-  if not isinstance(template_state, nnx.State):
-    template_state = nnx.split(nnx.merge(graphdef, template_state), nnx.Param)[1]
-  expected = jax.tree.structure(nnx.to_pure_dict(template_state))
-  state_def = jax.tree.structure(template_state)
-  # Shape-only placeholders: the template's arrays are not kept alive.
-  placeholders = [jax.ShapeDtypeStruct(x.shape, x.dtype)
-                  for x in jax.tree.leaves(template_state)]
+  build = _module_builder(graphdef, template_state)
 
   def apply_fn(params: Params, inputs: jax.Array) -> jax.Array:
-    if jax.tree.structure(params) != expected:
-      raise ValueError(
-          "params must have the structure of the model's parameters; got "
-          f"{jax.tree.structure(params)}, expected {expected}.")
-    # Fresh Variables: a copy of the template's structure, then the values.
-    state = jax.tree.unflatten(state_def, placeholders)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)(inputs)
+    return build(params)(inputs)
 
   return apply_fn
 
 
-def _init(model: nnx.Module) -> tuple[ApplyFn, Params]:
+def make_apply_with_activations(graphdef: nnx.GraphDef, template_state: Any
+                                ) -> ApplyWithActivationsFn:
+  """A pure ``(params, inputs) -> (logits, {label: activation norm})``.
+
+  One forward pass: the module is called with ``record_activations=True``
+  under ``nnx.capture(..., nnx.Intermediate)`` and the sown norms are keyed by
+  :func:`activation_norms_by_label`, so the labels match
+  ``ebc_optax.default_layer_labels(params)``. The logits are those of
+  :func:`make_apply_fn`. Works under ``jax.jit`` and ``jax.grad`` (return
+  the norms as auxiliary output).
+
+  Args:
+    graphdef: as for :func:`make_apply_fn`; the module's ``__call__`` must
+      accept ``record_activations`` (:class:`GPT`, :class:`MLP`).
+    template_state: as for :func:`make_apply_fn`.
+
+  Returns:
+    ``apply_with_activations(params, inputs)``.
+  """
+  build = _module_builder(graphdef, template_state)
+
+  def forward(module, inputs):
+    return module(inputs, record_activations=True)
+
+  def apply_with_activations(params: Params, inputs: jax.Array
+                             ) -> tuple[jax.Array, ActivationNorms]:
+    logits, intermediates = nnx.capture(forward, nnx.Intermediate)(
+        build(params), inputs)
+    return logits, activation_norms_by_label(intermediates)
+
+  return apply_with_activations
+
+
+class Functional(NamedTuple):
+  """A module's pure functions and its initial parameters."""
+  apply_fn: ApplyFn
+  apply_with_activations: ApplyWithActivationsFn
+  params: Params
+
+
+def functional(model: nnx.Module) -> Functional:
+  """The functional form of ``model`` (:func:`make_apply_fn`,
+  :func:`make_apply_with_activations` and the pure-dict parameters)."""
   graphdef, params = split_model(model)
-  return make_apply_fn(graphdef, nnx.split(model, nnx.Param)[1]), params
+  template = nnx.split(model, nnx.Param)[1]
+  return Functional(make_apply_fn(graphdef, template),
+                    make_apply_with_activations(graphdef, template), params)
+
+
+def _init(model: nnx.Module) -> tuple[ApplyFn, Params]:
+  fns = functional(model)
+  return fns.apply_fn, fns.params
 
 
 def init_gpt(key: jax.Array, vocab_size: int, **kwargs: Any

@@ -1,9 +1,11 @@
 """The optimizer chain of a run: base optimizer, clipping arm, weight decay.
 
-Order, as in the seed study: ``[global clip] -> base (LR-scaled) -> [EBC] ->
-[decoupled weight decay]``; the spectral projection acts on the parameters
-after ``optax.apply_updates`` (see :mod:`ebc_optax.experiments.spectral`).
-EBC sees the learning-rate-scaled step and nothing that comes after it.
+Order, as in the seed study: ``[global clip | energy clip] -> base
+(LR-scaled) -> [EBC] -> [decoupled weight decay]``; the spectral projection
+acts on the parameters after ``optax.apply_updates`` (see
+:mod:`ebc_optax.experiments.spectral`). EBC sees the learning-rate-scaled step
+and nothing that comes after it. The energy clip, like the global clip, acts
+on the raw gradients; it needs ``activation_norms`` from the forward pass.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 import ebc_optax
@@ -27,17 +31,33 @@ def base_optimizer(cfg: config_lib.Config) -> optax.GradientTransformation:
   return optax.sgd(lr)
 
 
+def next_token_loss(logits: jax.Array, inputs: jax.Array) -> jax.Array:
+  """EBC's ``loss_fn(logits, batch)`` for a char LM whose batch is the inputs.
+
+  The trust-region controller compares actual and predicted loss changes on
+  the probe rows of ``batch``; the harness hands EBC only the input tokens,
+  so the loss is the next-token cross-entropy *within* them (positions
+  ``0..T-2`` predict ``1..T-1``): the training loss without its last position.
+  """
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+  return -jnp.mean(jnp.take_along_axis(logp, inputs[:, 1:, None], -1))
+
+
 def build_optimizer(
     cfg: config_lib.Config,
     logits_fn: Callable[[Any, Any], Any],
 ) -> optax.GradientTransformationExtraArgs:
-  """The full chain for ``cfg``; ``update`` takes ``batch=inputs``."""
+  """The full chain for ``cfg``; ``update`` takes ``batch=inputs``, and for
+  ``optim.clip="energy"`` also ``activation_norms={label: norm}``."""
   parts = []
   if cfg.optim.clip == "global":
     parts.append(optax.clip_by_global_norm(cfg.optim.global_clip_norm))
+  if cfg.optim.clip == "energy":
+    parts.append(ebc_optax.energy_budget_clip(cfg.optim.energy_ratio))
   parts.append(base_optimizer(cfg))
   if cfg.optim.clip == "ebc":
-    parts.append(ebc_optax.from_config(cfg.ebc, logits_fn))
+    parts.append(ebc_optax.from_config(cfg.ebc, logits_fn,
+                                       loss_fn=next_token_loss))
   if cfg.optim.weight_decay:
     parts.append(optax.add_decayed_weights(-cfg.lr * cfg.optim.weight_decay))
   return optax.chain(*parts)

@@ -23,12 +23,15 @@ from ebc_optax.experiments import plots
 from ebc_optax.experiments import train as train_lib
 
 SUMMARY_COLUMNS = (
-    "run", "optimizer", "spectral", "ebc", "delta", "aggregate", "controller",
-    "lr", "lr_scale", "seed", "status", "diverged", "steps", "val_loss",
-    "val_acc", "val_ppl", "final_train_loss", "wall_s", "tokens_per_s",
-    "accept_rate", "avg_c", "c_p10", "c_p50", "c_p90", "eta_eff_mean",
-    "target_kl", "applied_kl_mean", "applied_kl_over_target_median",
-    "applied_kl_within_30pct", "probe_fraction")
+    "run", "optimizer", "spectral", "clip", "ebc", "delta", "aggregate",
+    "controller", "energy_ratio", "lr", "lr_scale", "seed", "status",
+    "diverged", "steps", "val_loss", "val_acc", "val_ppl", "final_train_loss",
+    "wall_s", "tokens_per_s", "accept_rate", "avg_c", "c_p10", "c_p50",
+    "c_p90", "eta_eff_mean", "target_kl", "applied_kl_mean",
+    "applied_kl_over_target_median", "applied_kl_within_30pct",
+    "probe_fraction", "energy_clip_rate", "energy_ratio_max_median")
+# The legacy ``--ebc off,on`` arms as clipping arms (``--clips``).
+EBC_TO_CLIP = {"off": "none", "on": "ebc"}
 SPECTRAL_ALIASES = {"spec": "spec_normalize", "none": "none",
                     "spec_normalize": "spec_normalize", "hard_cap": "hard_cap",
                     "spec_hammer": "spec_hammer"}
@@ -56,6 +59,7 @@ def run_arms(arms: Sequence[Arm], out_dir: pathlib.Path, *,
     run_dir = out_dir / arm.name
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
+      _check_same_config(arm, run_dir)
       summary = json.loads(summary_path.read_text())
     else:
       if dataset is None or dataset.name != arm.cfg.data.dataset:
@@ -68,6 +72,22 @@ def run_arms(arms: Sequence[Arm], out_dir: pathlib.Path, *,
   return rows
 
 
+def _check_same_config(arm: Arm, run_dir: pathlib.Path) -> None:
+  """A finished run is reused only if it ran the config asked for now."""
+  saved = config_lib.to_dict(config_lib.from_dict(
+      json.loads((run_dir / "config.json").read_text())))
+  wanted = config_lib.to_dict(arm.cfg)
+  saved.pop("log", None), wanted.pop("log", None)  # progress bars, log cadence
+  if saved != wanted:
+    diff = sorted(f"{section}.{key}" for section in wanted
+                  for key in wanted[section]
+                  if saved.get(section, {}).get(key) != wanted[section][key])
+    raise ValueError(
+        f"{run_dir} holds a finished run with a different config ({', '.join(diff)} "
+        "differ); a sweep directory is tied to its settings: use a new --out, "
+        "or delete that run to redo it.")
+
+
 def write_tables(rows: Sequence[dict[str, Any]], out_dir: pathlib.Path,
                  stem: str = "summary", results_stem: str = "results") -> None:
   with open(out_dir / f"{stem}.csv", "w", newline="", encoding="utf-8") as f:
@@ -75,6 +95,35 @@ def write_tables(rows: Sequence[dict[str, Any]], out_dir: pathlib.Path,
     writer.writeheader()
     writer.writerows(rows)
   (out_dir / f"{results_stem}.json").write_text(json.dumps(list(rows), indent=2) + "\n")
+
+
+def clip_arms(ebc: Sequence[str] | None = None,
+              clips: Sequence[str] | None = None) -> list[str]:
+  """The clipping arms of a sweep, from ``--clips`` or the older ``--ebc``.
+
+  ``clips`` lists arms of ``optim.clip`` (``none``, ``global``, ``ebc``,
+  ``energy``); ``ebc`` lists ``off``/``on`` (= ``none``/``ebc``). Give one of
+  them; with neither, the arms are ``none`` and ``ebc``.
+
+  Raises:
+    ValueError: for both given, an unknown arm, or an empty list.
+  """
+  if ebc is not None and clips is not None:
+    raise ValueError("--ebc and --clips both choose the clipping arms; give "
+                     "one of them (--ebc off,on is --clips none,ebc).")
+  if clips is None:
+    ebc = ["off", "on"] if ebc is None else list(ebc)
+    for arm in ebc:
+      if arm not in EBC_TO_CLIP:
+        raise ValueError(f"--ebc values must be 'off' or 'on'; got {arm!r}.")
+    clips = [EBC_TO_CLIP[arm] for arm in ebc]
+  clips = list(clips)
+  for arm in clips:
+    if arm not in config_lib.CLIPS:
+      raise ValueError(f"--clips values must be in {config_lib.CLIPS}; got {arm!r}.")
+  if not clips:
+    raise ValueError("--clips (or --ebc) must name at least one arm.")
+  return clips
 
 
 def _split(text: str) -> list[str]:
@@ -97,28 +146,39 @@ ABLATE_BASE = {
     "log": {"log_interval": 50},
 }
 ABLATE_HEADER = ("optimizer,ebc,spectral,final_loss,final_acc,ebc_c,"
-                 "entropy_floor,loss_minus_floor,avg_c,wall_s")
+                 "entropy_floor,loss_minus_floor,avg_c,wall_s,clip")
+
+
+def _ablate_name(opt: str, clip: str, spec: str) -> str:
+  if clip in ("none", "ebc"):  # the reference runner's names
+    return f"{opt}_ebc{int(clip == 'ebc')}_{spec}"
+  return f"{opt}_{clip}_{spec}"
 
 
 def ablate(out_dir: pathlib.Path, *, steps: int | None = None,
            sets: Iterable[str] = (), progress: bool = False,
+           clips: Sequence[str] = ("none", "ebc"),
            echo=print) -> list[dict[str, Any]]:
-  """adam/muon × EBC off/on × spectral none/spec on the offline Markov language.
+  """adam/muon × clip arms × spectral none/spec on the offline Markov language.
 
-  Prints the reference header ``optimizer,ebc,spectral,final_loss,final_acc,
-  ebc_c`` plus our columns, one line per run (``final_*`` are validation
-  numbers at the end; ``ebc_c`` is the last step's c, ``avg_c`` the mean).
+  The clip arms default to EBC off/on (``none``, ``ebc``); ``global`` and
+  ``energy`` may be added. Prints the reference header ``optimizer,ebc,
+  spectral,final_loss,final_acc,ebc_c`` plus our columns, one line per run
+  (``final_*`` are validation numbers at the end; ``ebc_c`` is the last
+  step's c, ``avg_c`` the mean; ``clip`` the arm).
   """
+  clips = clip_arms(clips=clips)
   base = config_lib.merge(config_lib.Config(), ABLATE_BASE)
   if steps is not None:
     base = with_values(base, train={"steps": steps, "eval_interval": steps})
   base = config_lib.validate(config_lib.merge(base, config_lib.parse_set(sets)))
   echo(ABLATE_HEADER)
   rows = []
-  for opt, ebc, spec in itertools.product(("adam", "muon"), (0, 1), ("none", "spec")):
-    cfg = with_values(base, optim={"optimizer": opt, "clip": "ebc" if ebc else "none",
+  for opt, clip, spec in itertools.product(("adam", "muon"), clips, ("none", "spec")):
+    ebc = int(clip == "ebc")
+    cfg = with_values(base, optim={"optimizer": opt, "clip": clip,
                                    "spectral": SPECTRAL_ALIASES[spec]})
-    arm = Arm(f"{opt}_ebc{ebc}_{spec}", cfg, {})
+    arm = Arm(_ablate_name(opt, clip, spec), cfg, {})
     t0 = time.perf_counter()
     row = run_arms([arm], out_dir, progress=progress)[0]
     last_c = _last_metric(out_dir / arm.name, "c")
@@ -128,7 +188,7 @@ def ablate(out_dir: pathlib.Path, *, steps: int | None = None,
     echo(",".join(str(v) for v in (
         opt, ebc, spec, _num(loss), _num(row["val_acc"]),
         _num(last_c if ebc else 1.0), _num(floor), _num(gap),
-        _num(row["avg_c"]), f"{time.perf_counter() - t0:.1f}")))
+        _num(row["avg_c"]), f"{time.perf_counter() - t0:.1f}", clip)))
     rows.append(row)
   return rows
 
@@ -152,10 +212,25 @@ def _last_metric(run_dir: pathlib.Path, key: str) -> float | None:
 
 def shakespeare_arms(
     base: config_lib.Config, *, optimizers: Sequence[str], spectral: Sequence[str],
-    ebc: Sequence[str], deltas: Sequence[float], aggregates: Sequence[str],
+    deltas: Sequence[float], aggregates: Sequence[str],
     lrs: Sequence[float], lr_scales: Sequence[float], seeds: Sequence[int],
-    controller: str) -> list[Arm]:
-  """The grid of the reference runner; names follow its figure names."""
+    controller: str, ebc: Sequence[str] | None = None,
+    clips: Sequence[str] | None = None,
+    energy_ratios: Sequence[float] | None = None) -> list[Arm]:
+  """The grid of the reference runner; names follow its figure names.
+
+  The clipping arms come from ``clips`` or ``ebc`` (see :func:`clip_arms`):
+  ``none`` -> ``<opt>_<spec>_baseline``, ``global`` ->
+  ``<opt>_<spec>_global<norm>``, ``ebc`` -> one run per (δ, aggregate)
+  ``<opt>_<spec>_ebc_d<δ>_<agg>``, ``energy`` -> one run per ratio
+  ``<opt>_<spec>_energy_r<ratio>`` (``energy_ratios``, default
+  ``optim.energy_ratio`` of ``base``).
+  """
+  clips = clip_arms(ebc, clips)
+  energy_ratios = (list(energy_ratios) if energy_ratios is not None
+                   else [base.optim.energy_ratio])
+  none_labels = {"ebc": 0, "delta": None, "aggregate": None, "controller": None,
+                 "energy_ratio": None}
   arms = []
   multi = {"lr": len(lrs) > 1, "scale": len(lr_scales) > 1, "seed": len(seeds) > 1}
   for opt, spec, lr, scale, seed in itertools.product(
@@ -170,23 +245,34 @@ def shakespeare_arms(
                   seed=seed)
     optim = {"optimizer": opt, "spectral": SPECTRAL_ALIASES[spec], "lr": lr,
              "lr_scale": scale}
-    for arm in ebc:
-      if arm == "off":
+    for clip in clips:
+      if clip == "none":
         cfg = with_values(base, optim={**optim, "clip": "none"}, train={"seed": seed})
         arms.append(Arm(f"{opt}_{spec}_baseline{suffix}", cfg,
-                        {**common, "ebc": 0, "delta": None, "aggregate": None,
-                         "controller": None}))
-      elif arm == "on":
+                        {**common, "clip": clip, **none_labels}))
+      elif clip == "global":
+        cfg = with_values(base, optim={**optim, "clip": "global"}, train={"seed": seed})
+        norm = _fmt(base.optim.global_clip_norm)
+        arms.append(Arm(f"{opt}_{spec}_global{norm}{suffix}", cfg,
+                        {**common, "clip": clip, **none_labels}))
+      elif clip == "ebc":
         for delta, agg in itertools.product(deltas, aggregates):
           cfg = with_values(
               base, optim={**optim, "clip": "ebc"}, train={"seed": seed},
               ebc={"target_kl": delta, "aggregate": agg,
                    "controller": "pi" if controller == "on" else "none"})
           arms.append(Arm(f"{opt}_{spec}_ebc_d{_fmt(delta)}_{agg}{suffix}", cfg,
-                          {**common, "ebc": 1, "delta": delta, "aggregate": agg,
+                          {**common, "clip": clip, **none_labels, "ebc": 1,
+                           "delta": delta, "aggregate": agg,
                            "controller": controller}))
-      else:
-        raise ValueError(f"--ebc values must be 'off' or 'on'; got {arm!r}.")
+      else:  # energy
+        for ratio in energy_ratios:
+          cfg = with_values(base, optim={**optim, "clip": "energy",
+                                         "energy_ratio": ratio},
+                            train={"seed": seed})
+          arms.append(Arm(f"{opt}_{spec}_energy_r{_fmt(ratio)}{suffix}", cfg,
+                          {**common, "clip": clip, **none_labels,
+                           "energy_ratio": ratio}))
   return arms
 
 

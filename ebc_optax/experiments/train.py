@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 import ebc_optax
 from ebc_optax.experiments import config as config_lib
@@ -31,17 +32,29 @@ from ebc_optax.experiments import optim as optim_lib
 from ebc_optax.experiments import spectral as spectral_lib
 
 EBC_SCALARS = ("c", "S", "tau", "delta", "applied_kl", "rho", "guard_factor",
-               "probe_count", "clipped_steps", "guard_trips", "nonfinite_skips")
+               "probe_count", "clipped_steps", "guard_trips", "nonfinite_skips",
+               "rho_tr", "tr_shrunk", "tr_grown")
+# Read from the energy clip's state (per layer, in ``Run.energy_layers`` order,
+# and the count of steps where a layer was clipped).
+ENERGY_METRICS = ("energy_ratio", "energy_scale", "energy_clipped_steps")
 
 
 class Run(NamedTuple):
-  """Everything a run is built from (pure functions and initial values)."""
+  """Everything a run is built from (pure functions and initial values).
+
+  ``apply_with_activations`` is the same forward pass as ``apply_fn`` that
+  also returns ``{layer label: activation norm}`` (for the energy arm);
+  ``energy_layers`` are all layer labels, embedding/output groups included,
+  in the order of the energy clip's per-layer telemetry.
+  """
   cfg: config_lib.Config
   dataset: data_lib.CharDataset
   apply_fn: Callable[[Any, Any], jax.Array]
   params: Any
   tx: optax.GradientTransformationExtraArgs
   layers: tuple[str, ...]
+  apply_with_activations: model_lib.ApplyWithActivationsFn
+  energy_layers: tuple[str, ...]
 
 
 def load_dataset(cfg: config_lib.Config) -> data_lib.CharDataset:
@@ -59,13 +72,15 @@ def build_run(cfg: config_lib.Config,
               dataset: data_lib.CharDataset | None = None) -> Run:
   dataset = load_dataset(cfg) if dataset is None else dataset
   m = cfg.model
-  apply_fn, params = model_lib.init_gpt(
-      jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 0),
+  key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 0)
+  fns = model_lib.functional(model_lib.GPT(
       dataset.vocab_size, num_blocks=m.num_blocks, d_embed=m.d_embed,
       num_heads=m.num_heads, seq_len=m.seq_len, positions=m.positions,
-      param_dtype=jnp.dtype(m.param_dtype))
-  tx = optim_lib.build_optimizer(cfg, apply_fn)
-  return Run(cfg, dataset, apply_fn, params, tx, ebc_optax.budget_layers(params))
+      param_dtype=jnp.dtype(m.param_dtype), rngs=nnx.Rngs(key)))
+  tx = optim_lib.build_optimizer(cfg, fns.apply_fn)
+  return Run(cfg, dataset, fns.apply_fn, fns.params, tx,
+             ebc_optax.budget_layers(fns.params), fns.apply_with_activations,
+             ebc_optax.budget_layers(fns.params, include_embed_out=True))
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -81,17 +96,25 @@ def make_train_step(run: Run):
   tokens = jnp.asarray(run.dataset.train, jnp.int32)
   data_key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 1)
   use_ebc = cfg.optim.clip == "ebc"
+  use_energy = cfg.optim.clip == "energy"
 
   def loss_fn(params, inputs, targets):
-    return cross_entropy(run.apply_fn(params, inputs), targets)
+    if use_energy:  # the activation norms come from the same forward pass
+      logits, norms = run.apply_with_activations(params, inputs)
+    else:
+      logits, norms = run.apply_fn(params, inputs), None
+    loss, acc = cross_entropy(logits, targets)
+    return loss, (acc, norms)
 
   @jax.jit
   def train_step(params, opt_state, step):
     inputs, targets = data_lib.sample_batch(
         tokens, data_key, step, cfg.train.batch_size, cfg.model.seq_len)
-    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (acc, norms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, inputs, targets)
-    updates, opt_state = run.tx.update(grads, opt_state, params, batch=inputs)
+    extra = {"activation_norms": norms} if use_energy else {}
+    updates, opt_state = run.tx.update(grads, opt_state, params, batch=inputs,
+                                       **extra)
     params = optax.apply_updates(params, updates)
     if cfg.optim.spectral != "none":
       params = spectral_lib.project_params(
@@ -104,6 +127,9 @@ def make_train_step(run: Run):
       metrics["beta"] = stats["beta"]
       metrics["contribution"] = stats["contribution"]
       metrics["ebc_step"] = stats["step"]
+    if use_energy:
+      for key in ENERGY_METRICS:
+        metrics[key] = optax.tree.get(opt_state, key)
     return params, opt_state, metrics
 
   return train_step
@@ -196,7 +222,6 @@ def _summary(cfg: config_lib.Config, host: dict[str, Any], status: str,
   cs = np.asarray(host["c"], np.float64)
   kls = np.asarray(host["probe_kl"], np.float64)
   steps = int(host["steps_done"])
-  tokens = steps * cfg.train.batch_size * cfg.model.seq_len
   out: dict[str, Any] = {
       "status": status,
       "diverged": status == "diverged",
@@ -205,7 +230,8 @@ def _summary(cfg: config_lib.Config, host: dict[str, Any], status: str,
       "final_train_acc": _finite_or_none(host["last_acc"]),
       "val_loss": None, "val_acc": None, "val_ppl": None,
       "wall_s": wall,
-      "tokens_per_s": tokens / max(host["train_time"], 1e-9),
+      # Median step time: robust to the compile step, evaluations and logging.
+      "tokens_per_s": _tokens_per_s(cfg, host),
       "lr": cfg.lr,
   }
   if val is not None:
@@ -221,11 +247,21 @@ def _summary(cfg: config_lib.Config, host: dict[str, Any], status: str,
     out.update(accept_rate=1.0, avg_c=1.0, c_p10=1.0, c_p50=1.0, c_p90=1.0,
                eta_eff_mean=cfg.lr, probe_fraction=0.0)
   if kls.size:
-    ratio = kls / cfg.ebc.target_kl
+    refs = np.asarray(host.get("probe_kl_ref") or [cfg.ebc.target_kl] * kls.size,
+                      np.float64)
+    ratio = kls / refs
     out.update(applied_kl_mean=float(kls.mean()),
+               applied_kl_ref_mean=float(refs.mean()),
                applied_kl_over_target_median=float(np.median(ratio)),
                applied_kl_within_30pct=float(np.mean(np.abs(ratio - 1) <= 0.3)),
                target_kl=cfg.ebc.target_kl)
+  if cfg.optim.clip == "energy":
+    ratio_max = np.asarray(host.get("energy_ratio_max", []), np.float64)
+    out.update(
+        energy_ratio=cfg.optim.energy_ratio,
+        energy_clip_rate=host.get("energy_clipped_steps", 0) / max(steps, 1),
+        energy_ratio_max_median=(_finite_or_none(float(np.median(ratio_max)))
+                                 if ratio_max.size else None))
   if cfg.data.dataset == "markov" and host.get("entropy_floor") is not None:
     out["entropy_floor"] = host["entropy_floor"]
   return out
@@ -264,11 +300,14 @@ def train(
   evaluate = make_eval_fn(run)
   params, opt_state = run.params, run.tx.init(run.params)
   use_ebc = cfg.optim.clip == "ebc"
+  use_energy = cfg.optim.clip == "energy"
   host: dict[str, Any] = {
-      "c": [], "probe_kl": [], "durations": [], "cadence": [],
+      "c": [], "probe_kl": [], "probe_kl_ref": [], "durations": [], "cadence": [],
       "last_loss": float("nan"), "last_acc": float("nan"), "steps_done": 0,
       "train_time": 0.0, "entropy_floor": run.dataset.entropy_floor,
       "layers": list(run.layers)}
+  if use_ebc:  # δ in use at the first step (controllers may clamp target_kl)
+    host["delta_in_use"] = float(ebc_optax.telemetry(opt_state)["delta"])
   start = 0
   metrics_path = run_dir / "metrics.jsonl"
   ckpt = latest_checkpoint(run_dir) if resume else None
@@ -311,12 +350,27 @@ def train(
     loss, acc = float(m["loss"]), float(m["acc"])
     host["last_loss"], host["last_acc"], host["steps_done"] = loss, acc, step + 1
     c = float(m["c"]) if use_ebc else None
+    if use_energy:
+      ratios = dict(zip(run.energy_layers, np.asarray(m["energy_ratio"]).tolist()))
+      scales = dict(zip(run.energy_layers, np.asarray(m["energy_scale"]).tolist()))
+      # Only layers with an activation entry have a ratio (the harness feeds
+      # every layer, so this is all of them).
+      ratio_max = max(ratios.values()) if ratios else 0.0
+      host.setdefault("energy_ratio_max", []).append(ratio_max)
+      host["energy_clipped_steps"] = int(m["energy_clipped_steps"])
     if use_ebc:
       host["c"].append(c)
       host["cadence"].append(cadence_step(int(m["ebc_step"]) - 1))
       if int(m["probe_count"]) > last_probe_count:
         host["probe_kl"].append(float(m["applied_kl"]))
+        # What the applied KL should match: the PI controller's target δ*,
+        # otherwise the δ the clip used at this step (fixed, or adapted by
+        # the trust-region controller).
+        host["probe_kl_ref"].append(
+            cfg.ebc.target_kl if cfg.ebc.controller == "pi"
+            else host["delta_in_use"])
         last_probe_count = int(m["probe_count"])
+      host["delta_in_use"] = float(m["delta"])
     diverged = not math.isfinite(loss) or loss > cfg.train.diverge_loss
     if step % cfg.log.log_interval == 0 or step == steps - 1 or diverged:
       record: dict[str, Any] = {"step": step, "train_loss": _finite_or_none(loss),
@@ -330,6 +384,11 @@ def train(
         record["eta_eff"] = c * cfg.lr
         record["beta"] = np.asarray(m["beta"]).tolist()
         record["contribution"] = np.asarray(m["contribution"]).tolist()
+      if use_energy:
+        record["energy_ratios"] = {k: _finite_or_none(v) for k, v in ratios.items()}
+        record["energy_ratio_max"] = _finite_or_none(ratio_max)
+        record["energy_scale"] = scales
+        record["energy_clipped_steps"] = host["energy_clipped_steps"]
       recent = host["durations"][-cfg.log.log_interval:]
       record["tokens_per_s"] = (cfg.train.batch_size * cfg.model.seq_len
                                 * len(recent) / max(sum(recent), 1e-9))
@@ -373,6 +432,15 @@ def train(
   summary = _summary(cfg, host, status, val, wall)
   (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary
+
+
+def _tokens_per_s(cfg: config_lib.Config, host: dict[str, Any]) -> float:
+  """Training throughput from the median step time (first step skipped: it
+  includes the compilation; evaluation steps are outliers the median ignores)."""
+  d = np.asarray(host["durations"][1:] or host["durations"], np.float64)
+  if d.size == 0:
+    return 0.0
+  return cfg.train.batch_size * cfg.model.seq_len / max(float(np.median(d)), 1e-9)
 
 
 def _probe_fraction(host: dict[str, Any]) -> float:

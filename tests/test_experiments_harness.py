@@ -355,19 +355,21 @@ def test_study_runs_every_stage_resumes_and_reports(tmp_path, capsys):
   out = tmp_path / "study"
   kw = dict(base=base, seeds=(0,), tune_lrs=(1e-3, 3e-3), lr_scales=(1.0, 8.0),
             only=("none", "fisher_d0.01", "fisher_d0.03", "fisher_tr_d0.01",
-                  "fisher_pi", "global_clip_n10"),
+                  "fisher_tr_e4_d0.01", "fisher_pi", "global_clip_n10"),
             progress=False)
   result = study.run_study(out, **kw)
   lr = result["lr"]
   assert lr in (1e-3, 3e-3)
   arms = {(r["arm"], r["lr_scale"]) for r in result["rows"]}
   assert {("none", 1.0), ("none", 8.0), ("fisher_tr_d0.01", 8.0),
-          ("fisher_pi", 1.0), ("global_clip_n10", 1.0)} <= arms
+          ("fisher_tr_e4_d0.01", 8.0), ("fisher_pi", 1.0),
+          ("global_clip_n10", 1.0)} <= arms
   for r in result["rows"]:
     assert r["lr"] == pytest.approx(lr * r["lr_scale"])
   text = (out / "study.md").read_text()
   for heading in ("## LR tuning", "## Arms", "Against the bar",
-                  "## Trust-region radius vs the best fixed δ",
+                  "## Trust-region radius vs the best fixed δ (‖J ΔW‖ every step",
+                  "## Trust-region radius vs the best fixed δ (‖J ΔW‖ every 4th",
                   "### exact Fisher clip, fixed δ"):
     assert heading in text
   for name in ("val_vs_lr.png", "curves_x2.png", "curves_x4.png", "tr_delta.png"):

@@ -60,6 +60,13 @@ ENERGY_LR_SCALES = (1.0, 3.0)
 KNOB_LR_SCALES = (1.0, 4.0)
 # EBC with the exact Fisher clip: one JVP of the whole update every step.
 _FISHER = {"aggregate": "exact", "kl": "fisher"}
+# The same at the cadence the overhead target is met with (benchmarks/
+# overhead.py): ‖J ΔW‖ every 4th step on an eighth of the batch.
+_FISHER_CHEAP = {"aggregate": "exact", "kl": "fisher", "exact_every": 4,
+                 "probe_batch_size": 0.125}
+# Arm-name prefixes of the trust-region arms: every step / cheap cadence.
+TR_PREFIX = "fisher_tr_d"
+TR_CHEAP_PREFIX = "fisher_tr_e4_d"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +101,13 @@ def base_arms() -> list[StudyArm]:
         knob=f"delta={delta:g}"))
   for delta in TRUST_REGION_STARTS:
     arms.append(StudyArm(
-        f"fisher_tr_d{delta:g}",
+        f"{TR_PREFIX}{delta:g}",
         _ebc(target_kl=delta, controller="trust_region", **_FISHER),
+        knob=f"start delta={delta:g}"))
+  for delta in TRUST_REGION_STARTS:
+    arms.append(StudyArm(
+        f"{TR_CHEAP_PREFIX}{delta:g}",
+        _ebc(target_kl=delta, controller="trust_region", **_FISHER_CHEAP),
         knob=f"start delta={delta:g}"))
   arms.append(StudyArm("energy", {"optim": {"clip": "energy",
                                             "energy_ratio": 0.1}},
@@ -123,7 +135,9 @@ def knob_arms() -> list[StudyArm]:
 KNOB_FAMILIES = (
     ("exact Fisher clip, fixed δ", [f"fisher_d{d:g}" for d in FISHER_DELTAS]),
     ("exact Fisher clip + trust-region radius, start δ",
-     [f"fisher_tr_d{d:g}" for d in TRUST_REGION_STARTS]),
+     [f"{TR_PREFIX}{d:g}" for d in TRUST_REGION_STARTS]),
+    ("same, ‖J ΔW‖ every 4th step on B/8, start δ",
+     [f"{TR_CHEAP_PREFIX}{d:g}" for d in TRUST_REGION_STARTS]),
     ("seeds' EBC, fixed δ (L1 bound)",
      ["ebc_seed_fixed_d0.005", "ebc_seed_fixed", "ebc_seed_fixed_d0.5"]),
     ("seeds' EBC + PI + guard, δ*",
@@ -339,10 +353,11 @@ def knob_table(summary: Sequence[dict[str, Any]], arms: Sequence[str]) -> str:
 
 
 def trust_region_table(summary: Sequence[dict[str, Any]],
-                       baseline: float | None) -> str:
-  """The trust-region arm against the best fixed-δ Fisher run at each LR."""
+                       baseline: float | None, prefix: str = TR_PREFIX) -> str:
+  """The trust-region arms named ``prefix + start δ`` against the best
+  fixed-δ Fisher run at each LR."""
   rows = {(s["arm"], s["lr_scale"]): s for s in summary}
-  starts = [f"fisher_tr_d{d:g}" for d in TRUST_REGION_STARTS]
+  starts = [f"{prefix}{d:g}" for d in TRUST_REGION_STARTS]
   fixed = [f"fisher_d{d:g}" for d in FISHER_DELTAS]
   if not any((a, 1.0) in rows for a in starts):
     return ""
@@ -384,6 +399,8 @@ def figures(out_dir: pathlib.Path, rows: Sequence[dict[str, Any]],
           if all(any(t["arm"] == s["arm"] and t["lr_scale"] == x for t in summary)
                  for x in LR_SCALES) or s["arm"] == "energy"}
   fig, ax = plt.subplots(figsize=(8, 5))
+  # tab20: the 10-colour default cycle repeats with this many arms.
+  colors = {arm: plt.cm.tab20(i % 20) for i, arm in enumerate(sorted(main))}
   for arm in sorted(main):
     ss = sorted((s for s in summary if s["arm"] == arm), key=lambda s: s["lr_scale"])
     xs = [s["lr_scale"] for s in ss]
@@ -391,6 +408,7 @@ def figures(out_dir: pathlib.Path, rows: Sequence[dict[str, Any]],
           else np.nan for s in ss]
     err = [s["val_loss_spread"] or 0.0 for s in ss]
     ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=3, label=arm,
+                color=colors[arm],
                 ls="--" if arm.startswith("fisher_tr") else "-")
   if baseline is not None:
     ax.axhline(baseline, color="k", lw=0.8, ls="--", label="tuned adam ×1")
@@ -418,7 +436,8 @@ def figures(out_dir: pathlib.Path, rows: Sequence[dict[str, Any]],
                        for m in ms], np.float64)
       k = min(10, len(loss))
       smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-      ax.plot(steps[k - 1:], smooth, label=r["arm"], lw=1)
+      ax.plot(steps[k - 1:], smooth, label=r["arm"], lw=1, color=colors[r["arm"]],
+              ls="--" if r["arm"].startswith("fisher_tr") else "-")
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (moving average of 10 logs)")
     ax.set_title(f"LR ×{scale:g}, seed 0")
@@ -430,7 +449,7 @@ def figures(out_dir: pathlib.Path, rows: Sequence[dict[str, Any]],
     paths.append(out_dir / f"curves_x{scale:g}.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
-  tr_rows = [r for r in rows if str(r.get("arm", "")).startswith("fisher_tr")
+  tr_rows = [r for r in rows if str(r.get("arm", "")).startswith(TR_PREFIX)
              and r["seed"] == 0]
   if tr_rows:
     fig, axes = plt.subplots(1, len(LR_SCALES), figsize=(12, 3.6), sharey=True)
@@ -441,7 +460,7 @@ def figures(out_dir: pathlib.Path, rows: Sequence[dict[str, Any]],
         ms = [m for m in _run_metrics(out_dir, r["run"]) if "delta" in m]
         if ms:
           ax.plot([m["step"] for m in ms], [m["delta"] for m in ms], lw=1,
-                  label=r["arm"].replace("fisher_tr_d", "start δ="))
+                  label=r["arm"].replace(TR_PREFIX, "start δ="))
       for d in FISHER_DELTAS:
         ax.axhline(d, color="0.6", lw=0.6, ls=":")
       ax.set_yscale("log")
@@ -518,9 +537,11 @@ def report(out_dir: pathlib.Path, lr: float, tune_rows: Sequence[dict[str, Any]]
           "| LR | final val loss |", "|---|---|"]
   text += [f"| {r['lr']:g} | {_n(r.get('val_loss'))} |" for r in tune_rows]
   text += ["", "## Arms", "", markdown(summary, baseline, lr)]
-  tr = trust_region_table(summary, baseline)
-  if tr:
-    text += ["## Trust-region radius vs the best fixed δ", "", tr]
+  for prefix, title in ((TR_PREFIX, "‖J ΔW‖ every step on B/4"),
+                        (TR_CHEAP_PREFIX, "‖J ΔW‖ every 4th step on B/8")):
+    tr = trust_region_table(summary, baseline, prefix)
+    if tr:
+      text += [f"## Trust-region radius vs the best fixed δ ({title})", "", tr]
   knob_text = []
   for title, arms in KNOB_FAMILIES:
     table = knob_table(summary, arms)

@@ -101,9 +101,7 @@ def per_token_rms_norm(dz: jax.Array, center: bool = True,
     >>> float(per_token_rms_norm(jnp.array([[1., -1.], [2., -2.]])))  # sqrt(10/2)
     2.236...
   """
-  sq = _psum(logit_change_sq_sum(dz, center), axis_name)
-  n = _psum(jnp.asarray(token_count(dz), jnp.float32), axis_name)
-  return jnp.sqrt(sq / n)
+  return per_token_change_norm(dz, center=center, axis_name=axis_name)
 
 
 def per_token_change_norm(dz: jax.Array, z: jax.Array | None = None, *,

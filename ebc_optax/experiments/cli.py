@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--lr_scales", type=_csv(float), default=None,
                  help="override every arm's LR scales")
   p.add_argument("--only", type=_csv(str), default=None,
-                 help="run only these arms (tables cover every finished run)")
+                 help="run only these arms (the tables then cover only them; "
+                      "rerun without --only to tabulate every finished run)")
   p.add_argument("--no-knobs", action="store_true",
                  help="skip the knob sweeps of the single-knob arms")
   p.add_argument("--no-progress", action="store_true")

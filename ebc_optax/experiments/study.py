@@ -10,7 +10,8 @@ exists is read back, not rerun, so the study can be finished in sittings):
    first had it (fixed δ, L1 bound), EBC with the seeds' fix (PI controller +
    guard, L1), the exact Fisher clip at fixed ``δ ∈ {0.003, 0.01, 0.03}``, the
    exact Fisher clip with the trust-region radius started from
-   ``δ ∈ {0.001, 0.01, 0.1}``, and the energy-budget clip at ×1 and ×3 (with
+   ``δ ∈ {0.001, 0.01, 0.1}`` (with ``‖J ΔW‖`` every step, and every 4th step
+   on an eighth of the batch), and the energy-budget clip at ×1 and ×3 (with
    no clipping and global clipping at ×3 too, for comparison).
 3. **fisher_pi** — the exact Fisher clip with the PI controller at the best
    fixed δ of stage 2.
@@ -23,8 +24,8 @@ exists is read back, not rerun, so the study can be finished in sittings):
 
 Sizes (``STUDY_BASE``): a 2-block, d 64 char GPT on Shakespeare, batch 16 ×
 seq 64, 1500 steps (~45 s per run on 2 CPU cores; the final val loss is on 64
-fixed batches, 65k characters of the validation split): ~110 runs must fit in
-about two hours. The CPU config (3 blocks, d 128, batch 16 × 128) takes ~6.5
+fixed batches, 65k characters of the validation split): the ~145 runs fit in
+about 100 minutes. The CPU config (3 blocks, d 128, batch 16 × 128) takes ~6.5
 minutes per 2000-step run, i.e. ~12 hours for the study.
 """
 
@@ -282,9 +283,17 @@ def markdown(summary: Sequence[dict[str, Any]], baseline: float | None,
   return "\n".join(lines) + "\n"
 
 
+def _arm_val(s: dict[str, Any]) -> float:
+  """Mean final val loss of an (arm, LR) summary row; +inf if any seed diverged."""
+  return math.inf if s["val_loss_mean"] is None or s["diverged"] else s["val_loss_mean"]
+
+
+def _cell(v: float) -> str:
+  return "div." if not math.isfinite(v) else f"{v:.4f}"
+
+
 def _worst(ss: Sequence[dict[str, Any]]) -> float:
-  return max((math.inf if s["val_loss_mean"] is None or s["diverged"]
-              else s["val_loss_mean"]) for s in ss)
+  return max(_arm_val(s) for s in ss)
 
 
 def bar_table(summary: Sequence[dict[str, Any]], baseline: float) -> str:
@@ -303,8 +312,7 @@ def bar_table(summary: Sequence[dict[str, Any]], baseline: float) -> str:
     ss = [per_scale[x] for x in LR_SCALES]
     worst = _worst(ss)
     ratio = worst / baseline
-    cells = " / ".join("div." if s["val_loss_mean"] is None or s["diverged"]
-                       else f"{s['val_loss_mean']:.4f}" for s in ss)
+    cells = " / ".join(_cell(_arm_val(s)) for s in ss)
     lines.append(f"| {arm} | {cells} "
                  f"| {_n(ratio if math.isfinite(ratio) else None, '.3f')} "
                  f"| {'yes' if ratio <= 1.01 else 'no'} |")
@@ -326,18 +334,13 @@ def knob_table(summary: Sequence[dict[str, Any]], arms: Sequence[str]) -> str:
 
   def val(a, x):
     s = rows.get((a, x))
-    if s is None:
-      return None
-    return math.inf if s["val_loss_mean"] is None or s["diverged"] else s["val_loss_mean"]
+    return None if s is None else _arm_val(s)
 
   lines = ["| arm (knob) | " + " | ".join(f"×{x:g}" for x in scales) + " |",
            "|---|" + "---|" * len(scales)]
   for a in present:
     knob = next((s["knob"] for s in summary if s["arm"] == a), "")
-    cells = []
-    for x in scales:
-      v = val(a, x)
-      cells.append("—" if v is None else "div." if not math.isfinite(v) else f"{v:.4f}")
+    cells = ["—" if v is None else _cell(v) for v in (val(a, x) for x in scales)]
     lines.append(f"| {a} ({knob}) | " + " | ".join(cells) + " |")
   spread = []
   for x in scales:
@@ -366,12 +369,10 @@ def trust_region_table(summary: Sequence[dict[str, Any]],
       + " | worst start / best fixed | worst start / baseline ×1 |",
       "|---|---|" + "---|" * (len(starts) + 2)]
   for x in LR_SCALES:
-    fixed_vals = {a: rows[(a, x)]["val_loss_mean"] for a in fixed
-                  if (a, x) in rows and rows[(a, x)]["val_loss_mean"] is not None
-                  and not rows[(a, x)]["diverged"]}
+    fixed_vals = {a: _arm_val(rows[(a, x)]) for a in fixed
+                  if (a, x) in rows and math.isfinite(_arm_val(rows[(a, x)]))}
     tr = [rows.get((a, x)) for a in starts]
-    tr_vals = [math.inf if s is None or s["val_loss_mean"] is None or s["diverged"]
-               else s["val_loss_mean"] for s in tr]
+    tr_vals = [math.inf if s is None else _arm_val(s) for s in tr]
     best_a = min(fixed_vals, key=fixed_vals.get) if fixed_vals else None
     best = fixed_vals[best_a] if best_a else None
     worst = max(tr_vals)
@@ -493,8 +494,9 @@ def run_study(out_dir: pathlib.Path, *, base: dict[str, Any] | None = None,
     seeds: seeds of stage 2.
     tune_lrs: the LRs of stage 1.
     lr_scales: override the LR scales of every stage-2 arm.
-    only: run only the stage-2/3/4 arms with these names (the tables cover
-      every finished run in ``out_dir``).
+    only: run only the stage-2/3/4 arms with these names; the tables then
+      cover the tuning runs and these arms (rerun without ``only`` to tabulate
+      every arm: finished runs are read back, not retrained).
     knobs: run stage 4 (the knob sweeps).
     progress: show progress bars.
 

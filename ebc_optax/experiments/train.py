@@ -304,7 +304,7 @@ def train(
   host: dict[str, Any] = {
       "c": [], "probe_kl": [], "probe_kl_ref": [], "durations": [], "cadence": [],
       "last_loss": float("nan"), "last_acc": float("nan"), "steps_done": 0,
-      "train_time": 0.0, "entropy_floor": run.dataset.entropy_floor,
+      "entropy_floor": run.dataset.entropy_floor,
       "layers": list(run.layers)}
   if use_ebc:  # δ in use at the first step (controllers may clamp target_kl)
     host["delta_in_use"] = float(ebc_optax.telemetry(opt_state)["delta"])
@@ -345,7 +345,6 @@ def train(
     m = jax.device_get(metrics)
     now = time.perf_counter()
     host["durations"].append(now - t_last)
-    host["train_time"] += now - t_last
     t_last = now
     loss, acc = float(m["loss"]), float(m["acc"])
     host["last_loss"], host["last_acc"], host["steps_done"] = loss, acc, step + 1

@@ -37,11 +37,13 @@ import numpy as np
 import optax
 
 import ebc_optax
+from ebc_optax import _layers
 from ebc_optax.experiments import config as config_lib
 from ebc_optax.experiments import data as data_lib
 from ebc_optax.experiments import model as model_lib
 from ebc_optax.experiments import plots as plots_lib
 from ebc_optax.experiments import spectral as spectral_lib
+from ebc_optax.experiments import train as train_lib
 
 SMOKE_ENV_VAR = "EBC_NOTEBOOK_SMOKE"
 
@@ -124,8 +126,7 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> DigitsSplit
 
 
 def _path_name(path: tuple[Any, ...]) -> str:
-  names = [str(getattr(e, "key", getattr(e, "name", getattr(e, "idx", e))))
-           for e in path]
+  names = [_layers.key_name(e) for e in path]
   if names and names[-1] == "kernel":
     names = names[:-1]
   return "/".join(names)
@@ -189,14 +190,6 @@ class MLPHistory:
   def final_test_acc(self) -> float:
     """Test accuracy after the last step."""
     return float(self.test_acc[-1])
-
-
-def _cross_entropy(logits: jax.Array, labels: jax.Array
-                   ) -> tuple[jax.Array, jax.Array]:
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-  loss = -jnp.mean(jnp.take_along_axis(logp, labels[:, None], -1))
-  acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
-  return loss, acc
 
 
 def mlp_optimizer(apply_fn: Callable[[Any, Any], jax.Array], lr: float, *,
@@ -301,7 +294,7 @@ def train_mlp(
                              0, x_train.shape[0])
     x, y = x_train[idx], y_train[idx]
     (loss, acc), grads = jax.value_and_grad(
-        lambda p: _cross_entropy(apply_fn(p, x), y), has_aux=True)(params)
+        lambda p: train_lib.cross_entropy(apply_fn(p, x), y), has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params, batch=x)
     params = optax.apply_updates(params, updates)
     params = spectral_lib.project_params(params, spectral, w_max=w_max,
@@ -314,7 +307,7 @@ def train_mlp(
 
   @jax.jit
   def evaluate(params):
-    return _cross_entropy(apply_fn(params, x_test), y_test)
+    return train_lib.cross_entropy(apply_fn(params, x_test), y_test)
 
   opt_state = tx.init(params)
   records, evals = [], []

@@ -46,6 +46,8 @@ from ebc_optax._transform import ellipsotope_budget_clip
 from ebc_optax._trust_region import trust_region_radius
 from ebc_optax._trust_region import trust_region_ratio
 from ebc_optax._trust_region import TrustRegionState
+from ebc_optax._wrap import wrap
+from ebc_optax._wrap import WrapState
 
 __version__ = "0.1.0"
 
@@ -62,6 +64,7 @@ __all__ = (
     "SensitivityEstimator",
     "SensitivityState",
     "TrustRegionState",
+    "WrapState",
     "activation_norm",
     "budget_clip",
     "budget_layers",
@@ -91,4 +94,5 @@ __all__ = (
     "trust_radius",
     "trust_region_radius",
     "trust_region_ratio",
+    "wrap",
 )

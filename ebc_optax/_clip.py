@@ -43,6 +43,10 @@ class BudgetClipState(NamedTuple):
     surrogate_calibration: float32, ``aggregate="exact"`` with
       ``exact_every > 1``: ``‖J ΔW‖ / S_β`` at the last measurement, the
       factor on the L1 β-surrogate between measurements (1 otherwise).
+    update_norm: float32, ``‖ΔW‖`` of the whole incoming update (every
+      inexact leaf, budgeted or not) at the last step. Finite exactly when
+      the update is, so a finite state certifies a finite output ``c·ΔW``
+      (:func:`skip_nonfinite` needs no pass over the update leaves).
   """
   ebc_step: jax.Array
   sensitivity: _sensitivity.SensitivityState
@@ -55,6 +59,7 @@ class BudgetClipState(NamedTuple):
   clipped_steps: jax.Array
   linear_change: jax.Array
   surrogate_calibration: jax.Array
+  update_norm: jax.Array
 
 
 def require_extra(params: Any, batch: Any, who: str) -> None:
@@ -115,6 +120,17 @@ def scale_updates(updates: Any, scale: jax.Array) -> Any:
 AGGREGATES = _aggregate.AGGREGATES + ("exact",)
 
 
+def _norms(leaves: list[jax.Array], part: _layers.LayerPartition
+           ) -> tuple[jax.Array, jax.Array]:
+  """``([L] per-layer norms, norm of every inexact leaf)``, one pass each."""
+  sq = _layers.per_layer_sum(_layers.leaf_sq_norms(leaves, part), part)
+  rest = [jnp.sum(jnp.square(x.astype(jnp.float32)))
+          for x, slot in zip(leaves, part.leaf_layers)
+          if slot is None and jnp.issubdtype(x.dtype, jnp.inexact)]
+  total = sum(rest, jnp.sum(sq))
+  return jnp.sqrt(sq), jnp.sqrt(total)
+
+
 def budget_clip(
     estimator: _sensitivity.SensitivityEstimator,
     *,
@@ -123,6 +139,7 @@ def budget_clip(
     exact_every: int = 1,
     layer_labels: _layers.LayerLabelsFn | None = None,
     include_embed_out: bool = False,
+    stacked: _layers.Stacked = None,
     probe_batch_size: ProbeBatchSize = None,
     eps: float = 1e-12,
 ) -> optax.GradientTransformationExtraArgs:
@@ -154,6 +171,9 @@ def budget_clip(
     layer_labels: ``params -> pytree of str``; default
       :func:`default_layer_labels`.
     include_embed_out: keep embedding/output groups in the budget.
+    stacked: label prefixes of layers stacked on axis 0 (``nn.scan`` /
+      ``nnx.scan`` models): slice ``i`` of every leaf under prefix ``p`` is
+      layer ``"p/i"`` (see :func:`partition_layers`).
     probe_batch_size: measure on the first rows of ``batch`` only: an int
       (rows), a float in ``(0, 1]`` (fraction of the rows) or None (all).
     eps: floor on ``S``.
@@ -171,12 +191,17 @@ def budget_clip(
   # A traced exact_every (optax.inject_hyperparams) keeps the β estimator.
   beta_needed = not exact or isinstance(exact_every, jax.core.Tracer) or (
       int(exact_every) > 1)
+  stacked = _layers.check_stacked(stacked)
 
   def partition(params):
-    return _layers.partition_layers(params, layer_labels, include_embed_out)
+    return _layers.partition_layers(params, layer_labels, include_embed_out,
+                                    stacked)
 
   def init(params):
-    num_layers = len(partition(params).labels)
+    part = partition(params)
+    if part.labels:
+      _layers.check_budget(part, "budget_clip")
+    num_layers = len(part.labels)
     kl = jnp.asarray(target_kl, jnp.float32)
     return BudgetClipState(
         ebc_step=jnp.zeros([], jnp.int32),
@@ -190,12 +215,14 @@ def budget_clip(
         clipped_steps=jnp.zeros([], jnp.int32),
         linear_change=jnp.zeros([], jnp.float32),
         surrogate_calibration=jnp.ones([], jnp.float32),
+        update_norm=jnp.zeros([], jnp.float32),
     )
 
   def update(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
     require_extra(params, batch, "budget_clip")
     part = partition(params)
+    _layers.check_budget(part, "budget_clip", warn=False)
     num_layers = len(part.labels)
     if state.layer_contribution.shape != (num_layers,):
       raise ValueError(
@@ -207,7 +234,7 @@ def budget_clip(
           "updates and params must have the same tree structure; got "
           f"{jax.tree.structure(updates)} vs {jax.tree.structure(params)}.")
     probe_batch = take_probe_rows(batch, probe_batch_size)
-    norms = _sensitivity.layer_norms(jax.tree.leaves(updates), part)
+    norms, update_norm = _norms(jax.tree.leaves(updates), part)
     sens = state.sensitivity
     contributions = state.layer_contribution
     linear = state.linear_change
@@ -248,6 +275,7 @@ def budget_clip(
         clipped_steps=state.clipped_steps + (scale < 1.0).astype(jnp.int32),
         linear_change=linear,
         surrogate_calibration=calibration,
+        update_norm=update_norm,
     )
     return scale_updates(updates, scale), new_state
 

@@ -59,6 +59,7 @@ class EBCConfig:
   tr_grow_factor: float = 1.5
   tr_delta_min: float = 1e-4
   tr_delta_max: float = 1.0
+  stacked: tuple[str, ...] | None = None
   eps: float = 1e-12
 
   @classmethod
@@ -110,6 +111,21 @@ def from_config(
   cfg = config if isinstance(config, EBCConfig) else EBCConfig.from_mapping(config)
   if not cfg.enable:
     return optax.with_extra_args_support(optax.identity())
+  return _transform.ellipsotope_budget_clip(
+      logits_fn, **transform_kwargs(cfg, loss_fn=loss_fn,
+                                    layer_labels=layer_labels,
+                                    axis_name=axis_name))
+
+
+def transform_kwargs(
+    cfg: EBCConfig,
+    *,
+    loss_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
+    layer_labels: _layers.LayerLabelsFn | None = None,
+    axis_name: _logits.AxisName = None,
+) -> dict[str, Any]:
+  """Keyword arguments of :func:`ellipsotope_budget_clip` (and of
+  :func:`wrap`) for ``cfg``; ``enable`` is not among them."""
   if cfg.controller not in ("pi", "trust_region", "none"):
     raise ValueError(
         "ebc_controller must be one of ('pi', 'trust_region', 'none'); got "
@@ -124,8 +140,8 @@ def from_config(
         shrink_below=cfg.tr_shrink_below, grow_above=cfg.tr_grow_above,
         shrink_factor=cfg.tr_shrink_factor, grow_factor=cfg.tr_grow_factor,
         delta_min=cfg.tr_delta_min, delta_max=cfg.tr_delta_max)
-  return _transform.ellipsotope_budget_clip(
-      logits_fn, cfg.target_kl,
+  return dict(
+      target_kl=cfg.target_kl,
       update_every=cfg.update_every, probe_layers=cfg.probe_layers,
       full_sweep_every=cfg.full_sweep_every, beta_ema=cfg.beta_ema,
       safety=cfg.safety, aggregate=cfg.aggregate, kl=cfg.kl,
@@ -135,4 +151,6 @@ def from_config(
       huber_ratio=cfg.huber_ratio, fd_step=cfg.fd_step,
       probe_batch_size=cfg.probe_batch_size, controller=controller,
       guard=cfg.guard, probe_every=cfg.probe_every, loss_fn=loss_fn,
-      layer_labels=layer_labels, axis_name=axis_name, eps=cfg.eps)
+      layer_labels=layer_labels,
+      stacked=tuple(cfg.stacked) if cfg.stacked else None,
+      axis_name=axis_name, eps=cfg.eps)

@@ -129,9 +129,30 @@ def energy_scale(grad_norm: jax.Array, act_norm: jax.Array,
 
 # --- wiring to the layers of a pytree ---------------------------------------------
 
-def _partition(tree: Any, layer_labels: _layers.LayerLabelsFn | None
-               ) -> _layers.LayerPartition:
-  return _layers.partition_layers(tree, layer_labels, include_embed_out=True)
+def _partition(tree: Any, layer_labels: _layers.LayerLabelsFn | None,
+               stacked: tuple[str, ...]) -> _layers.LayerPartition:
+  return _layers.partition_layers(tree, layer_labels, include_embed_out=True,
+                                  stacked=stacked)
+
+
+def _expand_stacked(activation_norms: Any, part: _layers.LayerPartition,
+                    stacked: tuple[str, ...], who: str) -> Any:
+  """``{group: [n] vector}`` of a stacked group -> ``{"group/i": scalar}``."""
+  if not isinstance(activation_norms, Mapping) or not stacked:
+    return activation_norms
+  out = {}
+  for key, value in activation_norms.items():
+    if key not in stacked:
+      out[key] = value
+      continue
+    n = sum(1 for lab in part.labels if lab.rsplit("/", 1)[0] == key)
+    if np.shape(value) != (n,):
+      raise ValueError(
+          f"{who}: activation_norms[{key!r}] is a stacked group of {n} layers, "
+          f"so it must have shape ({n},) (one norm per slice); got shape "
+          f"{np.shape(value)}.")
+    out.update({f"{key}/{i}": value[i] for i in range(n)})
+  return out
 
 
 def _check_activation_norms(activation_norms: Any, labels: tuple[str, ...],
@@ -168,7 +189,8 @@ def _layer_norms_and_activations(tree: Any, activation_norms: Mapping[str, Any],
 
 
 def energy_ratios(grads: Any, activation_norms: Mapping[str, Any], *,
-                  layer_labels: _layers.LayerLabelsFn | None = None
+                  layer_labels: _layers.LayerLabelsFn | None = None,
+                  stacked: _layers.Stacked = None,
                   ) -> dict[str, jax.Array]:
   r"""The monitor: ``‖∇L_ℓ‖ / ‖a_ℓ‖`` for each layer with an activation norm.
 
@@ -181,6 +203,8 @@ def energy_ratios(grads: Any, activation_norms: Mapping[str, Any], *,
       of each layer's input.
     layer_labels: ``params -> pytree of str``; default
       :func:`~ebc_optax.default_layer_labels`.
+    stacked: label prefixes of layers stacked on axis 0, as for
+      :func:`energy_budget_clip`.
 
   Returns:
     ``{label: float32 scalar}`` for the labels of ``activation_norms``, ``inf``
@@ -197,7 +221,10 @@ def energy_ratios(grads: Any, activation_norms: Mapping[str, Any], *,
     >>> {k: float(v) for k, v in r.items()}
     {'blocks/0': 0.25}
   """
-  part = _partition(grads, layer_labels)
+  stacked = _layers.check_stacked(stacked)
+  part = _partition(grads, layer_labels, stacked)
+  activation_norms = _expand_stacked(activation_norms, part, stacked,
+                                     "energy_ratios")
   _check_activation_norms(activation_norms, part.labels, "energy_ratios")
   norms, acts, _ = _layer_norms_and_activations(grads, activation_norms, part)
   return {label: energy_ratio(norms[i], acts[i])
@@ -208,6 +235,7 @@ def energy_budget_clip(
     ratio: float = 0.1,
     *,
     layer_labels: _layers.LayerLabelsFn | None = None,
+    stacked: _layers.Stacked = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips each layer's gradient to ``ratio`` times its activation norm.
 
@@ -233,6 +261,11 @@ def energy_budget_clip(
     layer_labels: ``params -> pytree of str`` with the structure of the
       gradients; default :func:`~ebc_optax.default_layer_labels`. Every group
       is a layer, embedding and output groups included.
+    stacked: label prefixes of layers stacked on axis 0 (scanned models):
+      slice ``i`` of the leaves under prefix ``p`` is layer ``"p/i"``, clipped
+      on its own. Its norms may be given per slice (``{"p/0": a0, ...}``) or
+      as one ``[n]`` vector under the prefix (``{"p": a}``, what a scanned
+      forward pass returns).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires the
@@ -259,12 +292,12 @@ def energy_budget_clip(
   References:
     H. Tedjamantri, *ebc-clip: Energy-Budget Gradient Clipping* (2025).
   """
-  if isinstance(ratio, (str, bytes)):  # check_number would parse "0.1".
-    raise ValueError(f"ratio must be a number in (0, inf); got {ratio!r}.")
   _validation.check_number("ratio", ratio, lo=0, lo_open=True, hi_open=True)
 
+  stacked = _layers.check_stacked(stacked)
+
   def init(params):
-    num_layers = len(_partition(params, layer_labels).labels)
+    num_layers = len(_partition(params, layer_labels, stacked).labels)
     return EnergyBudgetClipState(
         energy_scale=jnp.ones([num_layers], jnp.float32),
         energy_ratio=jnp.zeros([num_layers], jnp.float32),
@@ -275,7 +308,9 @@ def energy_budget_clip(
   def update(updates, state, params=None, *, activation_norms=None,
              **extra_args):
     del params, extra_args
-    part = _partition(updates, layer_labels)
+    part = _partition(updates, layer_labels, stacked)
+    activation_norms = _expand_stacked(activation_norms, part, stacked,
+                                       "energy_budget_clip")
     _check_activation_norms(activation_norms, part.labels, "energy_budget_clip")
     num_layers = len(part.labels)
     if state.energy_scale.shape != (num_layers,):
@@ -291,18 +326,15 @@ def energy_budget_clip(
     clipped = scales < 1.0
 
     leaves, treedef = jax.tree.flatten(updates)
-    leaf_scale = [None] * len(leaves)
-    for layer, indices in enumerate(part.leaf_indices):
-      for i in indices:
-        leaf_scale[i] = scales[layer]
 
-    def apply(u, s):
+    def apply(u, slot):
+      s = _layers.for_leaf(scales, slot, u.ndim)
       # where, not u * 0: a zeroed layer must not turn inf entries into NaN.
       scaled = (u.astype(jnp.float32) * s).astype(u.dtype)
       return jnp.where(s > 0, scaled, jnp.zeros_like(u))
 
     new_updates = jax.tree.unflatten(
-        treedef, [apply(u, s) for u, s in zip(leaves, leaf_scale)])
+        treedef, [apply(u, slot) for u, slot in zip(leaves, part.leaf_layers)])
     new_state = EnergyBudgetClipState(
         energy_scale=scales.astype(jnp.float32),
         energy_ratio=ratios.astype(jnp.float32),

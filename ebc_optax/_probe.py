@@ -65,10 +65,29 @@ def measure_applied_change(
   The shadow parameters are ``optax.apply_updates(params, updates)``, exactly
   what the training step will apply.
   """
-  z = logits_fn(params, batch)
-  _logits.check_logits(z)
-  z_new = logits_fn(optax.apply_updates(params, updates), batch)
+  _logits.check_logits(jax.eval_shape(logits_fn, params, batch))
+  z, z_new = _before_and_after(logits_fn, params, updates, batch)
   return _change_and_kl(z, z_new, center_logits, kl, axis_name)
+
+
+def _before_and_after(fn: Callable[[Any], Any], params: Any, updates: Any,
+                      batch: Any) -> tuple[Any, Any]:
+  """``fn(params, batch)`` and ``fn(params + updates, batch)``, in that order.
+
+  The two evaluations are the two iterations of one ``lax.map``, so the
+  compiled step holds one copy of ``fn`` (not two), and one shadow copy of the
+  parameters is built per iteration. The second point is ``params + updates``
+  cast to each leaf's dtype — what ``optax.apply_updates`` and so the training
+  step apply; the first is ``params`` itself (selected, not ``params + 0·u``).
+  """
+  def at(i):
+    point = jax.tree.map(
+        lambda w, u: jnp.where(i == 0, w, jnp.asarray(w + u).astype(w.dtype)),
+        params, updates)
+    return fn(point, batch)
+
+  out = jax.lax.map(at, jnp.arange(2))
+  return jax.tree.map(lambda x: x[0], out), jax.tree.map(lambda x: x[1], out)
 
 
 def _change_and_kl(z: jax.Array, z_new: jax.Array, center_logits: bool,
@@ -102,17 +121,25 @@ def measure_loss_change(
   space. Losses are ``loss_fn(logits, batch)`` (a mean), averaged over the
   replicas of ``axis_name``.
   """
-  leaves, treedef = jax.tree.flatten(params)
+  _logits.check_logits(jax.eval_shape(logits_fn, params, batch))
   update_leaves = jax.tree.leaves(updates)
-  idx = [i for i, w in enumerate(leaves) if jnp.issubdtype(w.dtype, jnp.floating)]
-  z, dz = _sensitivity.directional_logit_change(
-      logits_fn, leaves, treedef, idx,
-      [update_leaves[i].astype(jnp.float32) for i in idx], batch,
-      with_primal=True)
-  _logits.check_logits(z)
-  z_new = logits_fn(optax.apply_updates(params, updates), batch)
+
+  def jvp_at(point, rows):
+    # J u at ``point`` (only the float leaves move); at W + u only the primal
+    # is used: one JVP program serves both evaluations (the discarded tangent
+    # costs one tangent pass on the probe rows, on probe steps only).
+    leaves, treedef = jax.tree.flatten(point)
+    idx = [i for i, w in enumerate(leaves) if jnp.issubdtype(w.dtype, jnp.floating)]
+    return _sensitivity.directional_logit_change(
+        logits_fn, leaves, treedef, idx,
+        [update_leaves[i].astype(jnp.float32) for i in idx], rows,
+        with_primal=True)
+
+  (z, dz), (z_new, _) = _before_and_after(jvp_at, params, updates, batch)
   change, applied_kl = _change_and_kl(z, z_new, center_logits, kl, axis_name)
   z32 = z.astype(jnp.float32)
+
+  check_loss_fn(loss_fn, z, batch)
 
   def loss_of(logits):
     return jnp.asarray(loss_fn(logits, batch), jnp.float32)
@@ -123,6 +150,29 @@ def measure_loss_change(
   if axis_name is not None:
     actual, predicted = jax.lax.pmean((actual, predicted), axis_name)
   return change, applied_kl, actual, predicted
+
+
+def check_loss_fn(loss_fn: Callable[[jax.Array, Any], jax.Array],
+                  logits: jax.Array, batch: Any) -> None:
+  """Calls ``loss_fn(logits, batch)`` abstractly; a clear error if it fails.
+
+  The common mistake is passing the training loss ``(params, batch)``.
+  """
+  shapes = jax.tree.map(lambda x: getattr(x, "shape", type(x).__name__), batch)
+  try:
+    out = jax.eval_shape(loss_fn, logits, batch)
+  except Exception as e:  # re-raised with the contract and what was given
+    raise ValueError(
+        "loss_fn must be (logits, batch) -> scalar mean loss, evaluated on the "
+        "probe rows; calling it with logits of shape "
+        f"{tuple(logits.shape)} and a batch of shapes {shapes} failed with "
+        f"{type(e).__name__}: {e}. A training loss (params, batch) -> loss does "
+        "not fit: wrap it, e.g. loss_fn=lambda logits, batch: "
+        "cross_entropy(logits, batch['targets']).") from e
+  if getattr(out, "shape", None) != ():
+    raise ValueError(
+        "loss_fn(logits, batch) must return a scalar mean loss; got "
+        f"{getattr(out, 'shape', out)!r}.")
 
 
 def _is_probe_step(step: jax.Array, probe_every: int) -> jax.Array:

@@ -2,11 +2,14 @@
 
 ``β_ℓ = ‖center(J_ℓ U_ℓ)‖ / sqrt(N)`` is the per-token RMS change of the
 centered logits when layer ``ℓ`` alone moves by a unit step along its proposed
-update direction ``U_ℓ = ΔW_ℓ / ‖ΔW_ℓ‖``. It is measured by a forward-mode
-``jax.jvp`` through ``logits_fn`` that perturbs only layer ``ℓ`` (the other
-layers are closed over as constants, so no zero tangents are built), or by a
-central finite difference. Estimates are refreshed round-robin, Huber-clipped
-against their EMA, smoothed, and scaled by a safety factor.
+update direction ``U_ℓ = ΔW_ℓ / ‖ΔW_ℓ‖``. A refresh linearises ``logits_fn``
+once in the budgeted leaves (``jax.linearize``) and applies the linear map to
+the update masked to each refreshed layer — whole leaves, or one slice of
+leaves stacked on a leading axis — inside one ``fori_loop``, so the compiled
+step holds one copy of the model's tangent program whatever the depth (a
+central finite difference is the fallback). Estimates are refreshed
+round-robin, Huber-clipped against their EMA, smoothed, and scaled by a
+safety factor.
 """
 
 from __future__ import annotations
@@ -51,13 +54,92 @@ def init_sensitivity_state(num_layers: int) -> SensitivityState:
 
 def layer_norms(update_leaves: Sequence[jax.Array],
                 partition: _layers.LayerPartition) -> jax.Array:
-  """``[L]`` float32 Frobenius norms ``‖ΔW_ℓ‖`` of each budgeted layer."""
-  sq = [jnp.sum(jnp.square(u.astype(jnp.float32))) for u in update_leaves]
-  if not partition.labels:
-    return jnp.zeros([0], jnp.float32)
-  return jnp.sqrt(jnp.stack([
-      sum((sq[i] for i in idx), jnp.zeros([], jnp.float32))
-      for idx in partition.leaf_indices]))
+  """``[L]`` float32 Frobenius norms ``‖ΔW_ℓ‖`` of each budgeted layer (slice)."""
+  return _layers.layer_norms(update_leaves, partition)
+
+
+def check_float_leaves(param_leaves: Sequence[Any],
+                       partition: _layers.LayerPartition) -> None:
+  """Raises, naming the leaf by path, for a budgeted non-float leaf."""
+  for i in partition.budgeted_leaves:
+    if not jnp.issubdtype(param_leaves[i].dtype, jnp.floating):
+      raise ValueError(
+          f"Budgeted parameter {partition.leaf_paths[i]!r} has dtype "
+          f"{param_leaves[i].dtype}; EBC needs floating-point parameters (give "
+          "integer leaves an embedding/output label or exclude them with "
+          "layer_labels).")
+
+
+def masked_direction(update_leaves: Sequence[jax.Array],
+                     partition: _layers.LayerPartition,
+                     weights: jax.Array) -> list[jax.Array]:
+  """The budgeted leaves of the update, each layer (slice) times ``weights[ℓ]``.
+
+  With ``weights`` one-hot at a (traced) layer, this is that layer's part of
+  the update — whole leaves or one slice of stacked leaves — as float32
+  arrays, one per budgeted leaf.
+  """
+  return [u.astype(jnp.float32) * _layers.for_leaf(weights, slot, u.ndim)
+          for u, slot in zip(update_leaves, partition.leaf_layers)
+          if slot is not None]
+
+
+def layer_change_fn(
+    logits_fn: LogitsFn,
+    param_leaves: Sequence[jax.Array],
+    treedef: Any,
+    partition: _layers.LayerPartition,
+    batch: Any,
+    *,
+    method: str = "jvp",
+    fd_step: float = 1e-2,
+) -> Callable[[list[jax.Array], jax.Array], tuple[jax.Array, jax.Array]]:
+  """``change(direction, eps) -> (z, J·direction)`` over the budgeted leaves.
+
+  One compiled program for every layer: the caller masks the direction to the
+  layer (slice) it measures (:func:`masked_direction`). With ``"jvp"`` the
+  logits are linearised once (``jax.linearize``; the primal forward runs once
+  per refresh, not once per layer) and each call applies the linear map, so a
+  refresh of ``k`` layers costs one forward plus ``k`` tangent passes; ``eps``
+  is unused. With ``"fd"`` each call is a central difference
+  ``(f(W + εU) − f(W − εU)) / 2ε`` with ``z`` their mean.
+  """
+  idx = partition.budgeted_leaves
+  sub = [param_leaves[i] for i in idx]
+  f = _logits_of(logits_fn, param_leaves, treedef, idx, batch)
+  if method == "jvp":
+    z, f_lin = jax.linearize(f, sub)
+
+    def change(direction, eps):
+      del eps
+      tangents = [u.astype(w.dtype) for u, w in zip(direction, sub)]
+      return z, f_lin(tangents).astype(jnp.float32)
+    return change
+  return lambda direction, eps: _central_difference(f, sub, direction, eps)
+
+
+def _logits_of(logits_fn: LogitsFn, param_leaves: Sequence[jax.Array],
+               treedef: Any, indices: Sequence[int], batch: Any
+               ) -> Callable[[list[jax.Array]], jax.Array]:
+  """The logits as a function of the leaves ``indices`` (the rest closed over)."""
+  def f(sub_leaves):
+    leaves = list(param_leaves)
+    for i, v in zip(indices, sub_leaves):
+      leaves[i] = v
+    return logits_fn(jax.tree.unflatten(treedef, leaves), batch)
+  return f
+
+
+def _central_difference(f: Callable[[list[jax.Array]], jax.Array],
+                        sub: Sequence[jax.Array], direction: Sequence[jax.Array],
+                        eps: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(mean of f(W ± εU), (f(W + εU) − f(W − εU)) / 2ε)`` in float32."""
+  def shifted(sign):
+    return [(w.astype(jnp.float32) + sign * eps * u).astype(w.dtype)
+            for w, u in zip(sub, direction)]
+  z_plus = f(shifted(1.0)).astype(jnp.float32)
+  z_minus = f(shifted(-1.0)).astype(jnp.float32)
+  return 0.5 * (z_plus + z_minus), (z_plus - z_minus) / (2 * eps)
 
 
 def directional_logit_change(
@@ -85,7 +167,7 @@ def directional_logit_change(
     direction: one array per index, the (float32) direction ``U``.
     batch: the probe batch.
     method: ``"jvp"`` (exact forward mode) or ``"fd"`` (central difference
-      with step ``fd_step · max(‖W_ℓ‖, 1)``).
+      with step :func:`fd_epsilon`).
     fd_step: relative finite-difference step.
     with_primal: also return the logits at ``params`` (for ``"fd"``, the
       mean of the two evaluations, exact to ``O(h²)``).
@@ -95,28 +177,39 @@ def directional_logit_change(
     ``with_primal``, the pair ``(logits, change)``.
   """
   sub = [param_leaves[i] for i in indices]
-
-  def f(sub_leaves):
-    leaves = list(param_leaves)
-    for i, v in zip(indices, sub_leaves):
-      leaves[i] = v
-    return logits_fn(jax.tree.unflatten(treedef, leaves), batch)
-
+  f = _logits_of(logits_fn, param_leaves, treedef, indices, batch)
   if method == "jvp":
     tangents = [u.astype(w.dtype) for u, w in zip(direction, sub)]
     z, dz = jax.jvp(f, (sub,), (tangents,))
     dz = dz.astype(jnp.float32)
     return (z, dz) if with_primal else dz
-  w_norm = jnp.sqrt(sum(jnp.sum(jnp.square(w.astype(jnp.float32))) for w in sub))
-  eps = fd_step * jnp.maximum(w_norm, 1.0)
-  plus = [(w.astype(jnp.float32) + eps * u).astype(w.dtype)
-          for w, u in zip(sub, direction)]
-  minus = [(w.astype(jnp.float32) - eps * u).astype(w.dtype)
-           for w, u in zip(sub, direction)]
-  z_plus = f(plus).astype(jnp.float32)
-  z_minus = f(minus).astype(jnp.float32)
-  dz = (z_plus - z_minus) / (2 * eps)
-  return (0.5 * (z_plus + z_minus), dz) if with_primal else dz
+  eps = fd_epsilon(sum(jnp.sum(jnp.square(w.astype(jnp.float32))) for w in sub),
+                   sum(w.size for w in sub), fd_step)
+  z, dz = _central_difference(f, sub, direction, eps)
+  return (z, dz) if with_primal else dz
+
+
+FD_RMS_FLOOR = 1e-2
+
+
+def fd_epsilon(weight_sq_sum: jax.Array, size: int | jax.Array,
+               fd_step: float) -> jax.Array:
+  """Finite-difference step ``fd_step · max(rms(W_ℓ), 0.01)`` along a unit direction.
+
+  ``rms(W_ℓ) = sqrt(Σ w² / size)`` is the typical entry of the layer, so the
+  step does not grow with the layer's size: a unit direction spread over
+  ``size`` entries moves each by about ``fd_step · rms / sqrt(size)``, far
+  inside the linear regime at any width (a step ``∝ ‖W_ℓ‖`` grew with
+  ``sqrt(size)`` and under-estimated β by ~50% at width 64). The floor keeps
+  the step above float32 round-off for zero-initialised layers.
+
+  Example:
+    >>> float(fd_epsilon(400.0, 100, 1e-2))  # rms 2
+    0.02
+  """
+  rms = jnp.sqrt(jnp.asarray(weight_sq_sum, jnp.float32)
+                 / jnp.asarray(size, jnp.float32))
+  return fd_step * jnp.maximum(rms, FD_RMS_FLOOR)
 
 
 def robust_ema(old: jax.Array, new: jax.Array, measured: jax.Array,
@@ -236,29 +329,15 @@ def sensitivity_estimator(
       return state
     chex.assert_shape(state.layer_beta, (num_layers,))
     param_leaves, treedef = jax.tree.flatten(params)
+    check_float_leaves(param_leaves, partition)
     update_leaves = jax.tree.leaves(updates)
-    for idx in partition.leaf_indices:
-      for i in idx:
-        if not jnp.issubdtype(param_leaves[i].dtype, jnp.floating):
-          raise ValueError(
-              f"Budgeted parameter leaf {i} has dtype {param_leaves[i].dtype}; "
-              "EBC needs floating-point parameters (give integer leaves an "
-              "embedding/output label or exclude them with layer_labels).")
+    inv_norms = 1.0 / jnp.maximum(norms, jnp.finfo(jnp.float32).tiny)
+    # FD step per layer (slice), relative to its RMS entry.
+    eps = fd_epsilon(
+        _layers.per_layer_sum(_layers.leaf_sq_norms(param_leaves, partition),
+                              partition),
+        _layers.layer_sizes(param_leaves, partition), fd_step)
 
-    def branch_for(layer: int):
-      idx = partition.leaf_indices[layer]
-
-      def branch():
-        inv = 1.0 / jnp.maximum(norms[layer], jnp.finfo(jnp.float32).tiny)
-        direction = [update_leaves[i].astype(jnp.float32) * inv for i in idx]
-        z, dz = directional_logit_change(
-            logits_fn, param_leaves, treedef, idx, direction, batch,
-            method=sensitivity, fd_step=fd_step, with_primal=True)
-        return (_logits.change_sq_sum(dz, z, kl=kl, center=center_logits),
-                jnp.asarray(_logits.token_count(dz), jnp.float32))
-      return branch
-
-    branches = [branch_for(layer) for layer in range(num_layers)]
     step = jnp.asarray(step, jnp.int32)
     active = norms > 0
     unmeasured = jnp.any(jnp.logical_and(active, ~state.beta_measured))
@@ -271,27 +350,36 @@ def sensitivity_estimator(
     k = jnp.minimum(jnp.asarray(probe_layers, jnp.int32), num_layers)
     n = jnp.where(full, num_layers, jnp.where(round_robin, k, 0))
     start = jnp.where(full, 0, state.beta_cursor)
+    layer_ids = jnp.arange(num_layers)
 
-    def body(j, carry):
-      beta, measured = carry
-      layer = (start + j) % num_layers
-      sq, ntok = jax.lax.switch(layer, branches)
-      if axis_name is not None:
-        sq, ntok = jax.lax.psum((sq, ntok), axis_name)
-      estimate = jnp.sqrt(sq / ntok)
-      new = robust_ema(beta[layer], estimate, measured[layer], beta_ema,
-                       huber_ratio)
-      beta = beta.at[layer].set(jnp.where(active[layer], new, beta[layer]))
-      measured = measured.at[layer].set(
-          jnp.logical_or(measured[layer], active[layer]))
-      return beta, measured
+    def refresh(carry):
+      change = layer_change_fn(logits_fn, param_leaves, treedef, partition,
+                               batch, method=sensitivity, fd_step=fd_step)
+
+      def body(j, carry):
+        beta, measured = carry
+        layer = (start + j) % num_layers
+        weights = jnp.where(layer_ids == layer, inv_norms[layer], 0.0)
+        z, dz = change(masked_direction(update_leaves, partition, weights),
+                       eps[layer])
+        sq = _logits.change_sq_sum(dz, z, kl=kl, center=center_logits)
+        ntok = jnp.asarray(_logits.token_count(dz), jnp.float32)
+        if axis_name is not None:
+          sq, ntok = jax.lax.psum((sq, ntok), axis_name)
+        estimate = jnp.sqrt(sq / ntok)
+        new = robust_ema(beta[layer], estimate, measured[layer], beta_ema,
+                         huber_ratio)
+        beta = beta.at[layer].set(jnp.where(active[layer], new, beta[layer]))
+        measured = measured.at[layer].set(
+            jnp.logical_or(measured[layer], active[layer]))
+        return beta, measured
+      return jax.lax.fori_loop(0, n, body, carry)
 
     # The loop sits under a cond: a while loop with a zero trip count is not
-    # free on CPU (~20% of a small model's step), a skipped cond nearly is.
+    # free on CPU (~20% of a small model's step), a skipped cond nearly is;
+    # and the linearisation only runs on refresh steps.
     beta, measured = jax.lax.cond(
-        n > 0,
-        lambda carry: jax.lax.fori_loop(0, n, body, carry),
-        lambda carry: carry,
+        n > 0, refresh, lambda carry: carry,
         (state.layer_beta, state.beta_measured))
     cursor = jnp.where(full, state.beta_cursor,
                        (state.beta_cursor + n) % num_layers).astype(jnp.int32)
@@ -301,10 +389,11 @@ def sensitivity_estimator(
   def linear_change(partition: _layers.LayerPartition, params: Any,
                     updates: Any, batch: Any) -> jax.Array:
     _logits.check_logits(jax.eval_shape(logits_fn, params, batch))
-    indices = [i for idx in partition.leaf_indices for i in idx]
+    indices = partition.budgeted_leaves
     if not indices:
       return jnp.zeros([], jnp.float32)
     param_leaves, treedef = jax.tree.flatten(params)
+    check_float_leaves(param_leaves, partition)
     update_leaves = jax.tree.leaves(updates)
     # Unit direction (an FD step must not depend on the update's size), then
     # rescale: the change is linear in the direction.

@@ -11,6 +11,7 @@ from ebc_optax import _clip
 from ebc_optax import _probe
 from ebc_optax import _safety
 from ebc_optax import _trust_region
+from ebc_optax import _wrap
 
 def _find(state: Any, kind: type) -> list[Any]:
   leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kind))
@@ -36,10 +37,12 @@ def telemetry(state: Any) -> dict[str, jax.Array]:
     :func:`budget_layers`): ``beta`` (smoothed ``β_ℓ`` before the safety
     factor) and ``contribution`` (``s_ℓ = safety·β_ℓ·‖ΔW_ℓ‖``). With
     ``aggregate="exact"``: ``S_lin`` (last measured ``‖J ΔW‖``) and
-    ``calibration`` (``‖J ΔW‖ / S_L1`` then). With the trust-region
+    ``calibration`` (``‖J ΔW‖ / S_L1`` then). ``update_norm``: ``‖ΔW‖``
+    of the whole incoming update at the last step. With the trust-region
     controller: ``rho_tr``, ``loss_change``, ``predicted_loss_change`` (at
     the last evaluation) and counters ``tr_accepted``, ``tr_shrunk``,
-    ``tr_grown``. Pieces that are absent from the composition report zeros
+    ``tr_grown``. Under :func:`wrap`: ``notfinite_count`` (consecutive
+    rejected gradients) and ``total_notfinite``. Pieces that are absent from the composition report zeros
     shaped like ``c`` (so the dict has the same keys and leading axes, e.g.
     the replica axis under ``pmap``, whatever the composition).
 
@@ -64,6 +67,8 @@ def telemetry(state: Any) -> dict[str, jax.Array]:
   trs = _find(state, _trust_region.TrustRegionState)
   tr = trs[0] if trs else None
   guard_trips = probe.guard_state.guard_trips if probe is not None else zero_i
+  wraps = _find(state, _wrap.WrapState)
+  wrapped = wraps[0] if wraps else None
   return {
       "c": clip.clip_scale,
       "S": clip.surrogate,
@@ -77,6 +82,7 @@ def telemetry(state: Any) -> dict[str, jax.Array]:
       "contribution": clip.layer_contribution,
       "S_lin": clip.linear_change,
       "calibration": clip.surrogate_calibration,
+      "update_norm": clip.update_norm,
       "step": clip.ebc_step,
       "clipped_steps": clip.clipped_steps,
       "guard_trips": guard_trips,
@@ -89,4 +95,8 @@ def telemetry(state: Any) -> dict[str, jax.Array]:
       "tr_accepted": tr.tr_accepted if tr is not None else zero_i,
       "tr_shrunk": tr.tr_shrunk if tr is not None else zero_i,
       "tr_grown": tr.tr_grown if tr is not None else zero_i,
+      "notfinite_count": (wrapped.notfinite_count if wrapped is not None
+                          else zero_i),
+      "total_notfinite": (wrapped.total_notfinite if wrapped is not None
+                          else zero_i),
   }

@@ -44,6 +44,7 @@ def ellipsotope_budget_clip(
     probe_every: int = 20,
     loss_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
     layer_labels: _layers.LayerLabelsFn | None = None,
+    stacked: _layers.Stacked = None,
     axis_name: _logits.AxisName = None,
     eps: float = 1e-12,
 ) -> optax.GradientTransformationExtraArgs:
@@ -124,6 +125,11 @@ def ellipsotope_budget_clip(
       controllers that need it (``"trust_region"``).
     layer_labels: ``params -> pytree of str`` overriding
       :func:`default_layer_labels`.
+    stacked: label prefixes of layers stacked on a leading axis (scanned
+      models: ``"blocks"`` for ``nnx.scan``, ``"params/ScanBlock_0"`` for
+      linen ``nn.scan``, ``"model/layers"``); slice ``i`` of every leaf under
+      prefix ``p`` is budgeted as its own layer ``"p/i"``. Check the result
+      with ``budget_layers(params, stacked=...)``.
     axis_name: ``pmap``/``shard_map`` axis name; the JVP norms, the probe's
       KL and ``T`` are all-reduced so every replica applies the same ``c``.
       Not needed under ``jax.jit`` with a sharded batch.
@@ -170,10 +176,11 @@ def ellipsotope_budget_clip(
       estimator, target_kl=target_kl, aggregate=aggregate,
       exact_every=exact_every,
       layer_labels=layer_labels, include_embed_out=include_embed_out,
-      probe_batch_size=probe_batch_size, eps=eps)
+      stacked=stacked, probe_batch_size=probe_batch_size, eps=eps)
   probed = _probe.kl_probe(
       clip, logits_fn, target_kl=target_kl, controller=controller,
       guard=guard, probe_every=probe_every, probe_batch_size=probe_batch_size,
       center_logits=center_logits, kl=kl, loss_fn=loss_fn,
       axis_name=axis_name, eps=eps)
-  return _safety.skip_nonfinite(probed)
+  # budget_clip's state holds update_norm and c: a finite state certifies c·u.
+  return _safety.skip_nonfinite(probed, check_updates=False)

@@ -30,6 +30,10 @@ def check_number(name: str, value: Any, *, lo: float | None = None,
   """Raises ``ValueError`` naming ``name`` and the accepted range."""
   if value is None and allow_none:
     return
+  if isinstance(value, (str, bytes)):  # float("0.05") would parse
+    raise ValueError(
+        f"{name} must be a number, not a string; got {value!r}. Pass "
+        f"{name}={value!s} without quotes.")
   if isinstance(value, bool) or (integer and not isinstance(value, int)
                                  and not hasattr(value, "dtype")):
     kind = "an int" if integer else "a number"

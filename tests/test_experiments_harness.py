@@ -404,3 +404,119 @@ def test_study_command_line(tmp_path, monkeypatch, capsys):
   assert "# Study" in capsys.readouterr().out
   assert seen == dict(out=tmp_path / "s", steps=6, seeds=[0], lr_scales=[1.0, 8.0],
                       only=["none", "energy"], knobs=False, progress=False)
+
+
+# --- scanned blocks ------------------------------------------------------------
+
+def _first_steps(cfg, steps):
+  run = train_lib.build_run(cfg)
+  train_step = train_lib.make_train_step(run)
+  params, state = run.params, run.tx.init(run.params)
+  losses, first = [], None
+  for step in range(steps):
+    params, state, metrics = train_step(params, state, step)
+    losses.append(float(metrics["loss"]))
+    if step == 0:
+      first = {k: np.asarray(v) for k, v in metrics.items()}
+  return run, losses, first
+
+
+@pytest.mark.parametrize("clip", ["ebc", "energy"])
+def test_scanned_and_unrolled_gpt_train_alike(clip):
+  """Same seed, scan_layers on and off: same budgeted layers, β, c, losses."""
+  sets = ("optim.lr=0.01", f"optim.clip=\"{clip}\"", "ebc.target_kl=0.001",
+          "ebc.controller=\"none\"")
+  run_u, loss_u, first_u = _first_steps(smoke(*sets), 6)
+  run_s, loss_s, first_s = _first_steps(smoke(*sets, "model.scan_layers=true"), 6)
+  assert run_s.layers == run_u.layers
+  assert run_s.energy_layers == run_u.energy_layers
+  assert np.asarray(run_s.params["blocks"]["attn"]["qkv"]["kernel"]).shape[0] == (
+      run_u.cfg.model.num_blocks)
+  keys = ("beta", "c") if clip == "ebc" else ("energy_ratio", "energy_scale")
+  for key in keys:
+    np.testing.assert_allclose(first_s[key], first_u[key], rtol=1e-4, atol=1e-7)
+  if clip == "ebc":
+    assert float(first_u["c"]) < 1 and first_u["beta"].shape == (
+        run_u.cfg.model.num_blocks,)
+  np.testing.assert_allclose(loss_s, loss_u, rtol=1e-4)
+  assert np.all(np.isfinite(loss_u)) and len(set(loss_u)) == len(loss_u)
+
+
+def test_scan_layers_with_a_spectral_projection_is_an_error():
+  with pytest.raises(ValueError, match="scan_layers"):
+    smoke("model.scan_layers=true", "optim.spectral=\"hard_cap\"")
+
+
+def test_run_of_rejected_gradients_ends_as_stalled(tmp_path, monkeypatch):
+  """Finite loss, NaN gradients: wrap rejects each, the run ends 'stalled'."""
+  import jax.numpy as jnp
+
+  @jax.custom_jvp
+  def nan_gradient(x):
+    return x
+
+  nan_gradient.defjvp(lambda primals, tangents: (primals[0],
+                                                 tangents[0] * jnp.nan))
+  original = train_lib.cross_entropy
+  monkeypatch.setattr(train_lib, "cross_entropy",
+                      lambda logits, targets: original(nan_gradient(logits), targets))
+  cfg = smoke("train.steps=30", "train.stall_steps=4")
+  summary = train_lib.train(cfg, tmp_path / "run")
+  assert summary["status"] == "stalled" and summary["stalled"]
+  assert summary["rejected_gradients"] == 4 and summary["steps"] == 4
+  assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "stalled"
+
+
+def test_help_shows_each_default_once_and_version(capsys):
+  import ebc_optax
+  parser = cli.build_parser()
+  sub = next(a for a in parser._actions if a.dest == "command")
+  for name, p in sub.choices.items():
+    fmt = p._get_formatter()
+    for action in p._actions:
+      shown = fmt._get_help_string(action) or ""
+      assert shown.count("(default:") <= 1, (name, action.dest, shown)
+      assert "['" not in shown and "[0" not in shown, (name, action.dest, shown)
+  ablate = sub.choices["ablate"]
+  clips = next(a for a in ablate._actions if a.dest == "clips")
+  assert ablate._get_formatter()._get_help_string(clips).endswith(
+      "(default: none,ebc)")
+  with pytest.raises(SystemExit) as e:
+    cli.main(["--version"])
+  assert e.value.code == 0
+  assert capsys.readouterr().out.strip() == f"ebc-optax {ebc_optax.__version__}"
+
+
+def test_kill_during_a_checkpoint_write_resumes_to_the_uninterrupted_run(
+    tmp_path, monkeypatch):
+  """The process dies half-way through writing the step-20 checkpoint: the
+  partial one is ignored, the run resumes from step 10 and ends where an
+  uninterrupted run ends."""
+  cfg = smoke("train.steps=24", "train.checkpoint_every=10")
+  full = train_lib.train(cfg, tmp_path / "full")
+  real_save = train_lib.save_checkpoint
+
+  class Killed(BaseException):
+    pass
+
+  def dying_save(run_dir, step, params, opt_state, host_state):
+    if step < 20:
+      return real_save(run_dir, step, params, opt_state, host_state)
+    real_save(run_dir, step, params, opt_state, host_state)  # the arrays land ...
+    (run_dir / "checkpoints" / f"{step:08d}" / "host_state.json").unlink()
+    raise Killed  # ... and the process dies before the checkpoint is complete
+
+  monkeypatch.setattr(train_lib, "save_checkpoint", dying_save)
+  with pytest.raises(Killed):
+    train_lib.train(cfg, tmp_path / "part")
+  monkeypatch.setattr(train_lib, "save_checkpoint", real_save)
+  assert train_lib.latest_checkpoint(tmp_path / "part").name == f"{10:08d}"
+  resumed = train_lib.train(cfg, tmp_path / "part", resume=True)
+  assert resumed["steps"] == 24 and resumed["val_loss"] == full["val_loss"]
+  run = train_lib.build_run(cfg)
+  template = (run.params, run.tx.init(run.params))
+  got = train_lib.restore_checkpoint(train_lib.latest_checkpoint(tmp_path / "part"),
+                                     *template)[:2]
+  want = train_lib.restore_checkpoint(train_lib.latest_checkpoint(tmp_path / "full"),
+                                      *template)[:2]
+  jax.tree.map(np.testing.assert_array_equal, got, want)

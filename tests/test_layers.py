@@ -120,7 +120,13 @@ def test_default_labels_conftest_model():
     ("attn", False), ("final_norm", False), ("ln_f", False),
     ("blocks/0", False), ("blocks/11", False), ("h/0", False),
     ("layers", False), ("headless", False), ("outer", False),
-    ("blocks/lm_head", False),  # only the first path component counts
+    # The group's own name (last non-index component) counts, at any depth;
+    # the wrappers above it do not.
+    ("blocks/lm_head", True), ("embed/blocks", False),
+    ("transformer/wte", True), ("transformer/h/3", False),
+    ("model/embed_tokens", True), ("model/layers/0", False),
+    ("tok_embeddings", True), ("emb", True), ("params/Embed_0", True),
+    ("model/norm", False), ("output", True), ("params/ScanBlock_0/2", False),
 ])
 def test_is_embed_or_output_table(name, expected):
   assert ebc_optax.is_embed_or_output(name) is expected

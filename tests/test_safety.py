@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import ebc_optax
 from conftest import next_token_loss, tiny_logits_fn
@@ -89,3 +90,29 @@ def test_nonfinite_probe_result_skips_the_step(tiny):
     chex.assert_tree_all_finite((updates, state))
   assert int(stats["step"]) == 2
   assert all(np.any(np.asarray(u) != 0) for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize("leaf", ["embed", "lm_head"])
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_nonfinite_only_in_an_unbudgeted_leaf_is_caught(tiny, leaf, bad):
+  """The embedding/head are outside S, but update_norm still sees them."""
+  _, params, batch, _ = tiny
+  tx = optax.chain(optax.sgd(0.5), _ebc())
+  state = tx.init(params)
+  grads = jax.grad(next_token_loss)(params, batch)
+  grads[leaf] = grads[leaf].at[0, 0].set(bad)
+  updates, state = jax.jit(lambda g, s: tx.update(g, s, params, batch=batch))(
+      grads, state)
+  stats = ebc_optax.telemetry(state)
+  assert int(stats["nonfinite_skips"]) == 1 and int(stats["step"]) == 0
+  assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
+
+
+def test_update_norm_is_the_norm_of_the_whole_update(tiny):
+  _, params, batch, _ = tiny
+  tx = _ebc()
+  grads = jax.grad(next_token_loss)(params, batch)
+  _, state = tx.update(grads, tx.init(params), params, batch=batch)
+  want = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2)
+                     for g in jax.tree.leaves(grads)))
+  np.testing.assert_allclose(optax.tree.get(state, "update_norm"), want, rtol=1e-5)

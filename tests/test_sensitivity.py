@@ -501,3 +501,37 @@ def test_probe_batch_size_larger_than_batch_raises(model2):
   state = tx.init(params)
   with pytest.raises(ValueError, match="probe_batch_size"):
     tx.update(params, state, params, batch=batch)
+
+
+@pytest.mark.parametrize("width,scale", [(128, 1.0), (256, 1.0), (128, 0.05)])
+def test_fd_beta_within_one_percent_of_jvp_at_width(width, scale):
+  """The FD step is relative to the RMS entry, so it stays linear at any width."""
+  keys = jax.random.split(jax.random.PRNGKey(7), 4)
+  params = {"embed": jax.random.normal(keys[0], (11, width)),
+            "blocks": [{"w": scale * jax.random.normal(keys[1], (width, width)),
+                        "b": jnp.zeros(width)}],
+            "lm_head": jax.random.normal(keys[2], (width, 11)) / width ** 0.5}
+
+  def logits_fn(p, tokens):
+    h = p["embed"][tokens]
+    h = h + jnp.tanh(h @ p["blocks"][0]["w"] / width ** 0.5 + p["blocks"][0]["b"])
+    return h @ p["lm_head"]
+
+  batch = jax.random.randint(keys[3], (4, 5), 0, 11)
+  updates = random_like(jax.random.PRNGKey(8), params)
+  betas = {}
+  for method in ("jvp", "fd"):
+    est = ebc_optax.sensitivity_estimator(logits_fn, sensitivity=method,
+                                          beta_ema=0.0, safety=1.0)
+    tx = ebc_optax.budget_clip(est)
+    _, state = tx.update(updates, tx.init(params), params, batch=batch)
+    betas[method] = float(state.sensitivity.layer_beta[0])
+  np.testing.assert_allclose(betas["fd"], betas["jvp"], rtol=1e-2)
+
+
+def test_fd_epsilon_does_not_grow_with_size():
+  from ebc_optax import _sensitivity
+  for n in (10, 1000, 100000):  # unit-scale entries: rms 1 at every size
+    np.testing.assert_allclose(_sensitivity.fd_epsilon(float(n), n, 1e-2), 1e-2,
+                               rtol=1e-6)
+  np.testing.assert_allclose(_sensitivity.fd_epsilon(0.0, 5, 1e-2), 1e-4)

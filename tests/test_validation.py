@@ -26,6 +26,14 @@ BAD_HYPERPARAMETERS = [
     ("controller", "pid", r"controller must be one of"),
     ("probe_every", -1, r"probe_every must be in \[0"),
     ("eps", 0.0, r"eps must be in \(0"),
+    # A string where a number belongs is an error, not parsed.
+    ("target_kl", "0.05", "target_kl must be a number, not a string"),
+    ("safety", "1.05", "safety must be a number, not a string"),
+    ("update_every", "20", "update_every must be a number, not a string"),
+    ("beta_ema", b"0.9", "beta_ema must be a number, not a string"),
+    ("probe_batch_size", "0.25", "probe_batch_size must be a number, not a string"),
+    ("exact_every", "4", "exact_every must be a number, not a string"),
+    ("full_sweep_every", "200", "full_sweep_every must be a number, not a string"),
 ]
 
 
@@ -80,3 +88,36 @@ def test_probe_batch_size_larger_than_batch_raises(tiny):
                                          probe_batch_size=100)
   with pytest.raises(ValueError, match=r"probe_batch_size=100"):
     tx.update(params, tx.init(params), params, batch=batch)
+
+
+def test_training_signature_loss_fn_is_a_clear_error(tiny):
+  logits_fn, params, batch, next_token_loss = tiny  # loss(params, tokens)
+  tx = ebc_optax.ellipsotope_budget_clip(
+      logits_fn, controller="trust_region", loss_fn=next_token_loss,
+      probe_every=1)
+  grads = jax.tree.map(jnp.ones_like, params)
+  with pytest.raises(ValueError, match=r"loss_fn must be \(logits, batch\) -> "
+                     r"scalar mean loss.*logits of shape \(2, 5, 11\)"):
+    tx.update(grads, tx.init(params), params, batch=batch)
+
+
+def test_non_scalar_loss_fn_is_a_clear_error(tiny):
+  logits_fn, params, batch, _ = tiny
+  tx = ebc_optax.ellipsotope_budget_clip(
+      logits_fn, controller="trust_region", loss_fn=lambda z, b: z.sum(-1),
+      probe_every=1)
+  with pytest.raises(ValueError, match="must return a scalar"):
+    tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params,
+              batch=batch)
+
+
+@pytest.mark.parametrize("aggregate", ["l1", "exact"])
+def test_integer_leaf_in_a_budgeted_layer_is_named_by_path(tiny, aggregate):
+  logits_fn, params, batch, _ = tiny
+  params = {**params, "blocks": [{**params["blocks"][0],
+                                  "count": jnp.zeros((), jnp.int32)},
+                                 params["blocks"][1]]}
+  tx = ebc_optax.ellipsotope_budget_clip(logits_fn, aggregate=aggregate)
+  grads = jax.tree.map(lambda x: jnp.ones_like(x, jnp.float32), params)
+  with pytest.raises(ValueError, match=r"'blocks/0/count' has dtype int32"):
+    tx.update(grads, tx.init(params), params, batch=batch)

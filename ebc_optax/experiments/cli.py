@@ -120,12 +120,33 @@ def cmd_plot(args) -> int:
   return 0
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+  """Shows each option's default once, lists as they are typed (``a,b``).
+
+  ``ArgumentDefaultsHelpFormatter`` appends ``(default: ...)`` even where the
+  help already states it, and prints list defaults as Python lists.
+  """
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    default = action.default
+    if ("default" in text or not action.option_strings
+        or default in (None, False, argparse.SUPPRESS)):
+      return text
+    if isinstance(default, (list, tuple)):
+      default = ",".join(str(d) for d in default)
+    return f"{text} (default: {str(default).replace('%', '%%')})".strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
+  import ebc_optax
   parser = argparse.ArgumentParser(
       prog="ebc-optax", description="Ellipsotope-Budgeted Clipping experiments.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      formatter_class=_HelpFormatter)
+  parser.add_argument("--version", action="version",
+                      version=f"%(prog)s {ebc_optax.__version__}")
   sub = parser.add_subparsers(dest="command", required=True)
-  fmt = argparse.ArgumentDefaultsHelpFormatter
+  fmt = _HelpFormatter
 
   p = sub.add_parser("train", help="one run", formatter_class=fmt)
   _add_config_args(p)

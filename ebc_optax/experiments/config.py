@@ -35,6 +35,7 @@ class ModelConfig:
   seq_len: int = 256
   positions: str = "rope"  # or "learned"
   param_dtype: str = "float32"  # or "bfloat16" (logits and statistics stay f32)
+  scan_layers: bool = False  # stacked blocks via nnx.scan; EBC stacked=("blocks",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,9 @@ class TrainConfig:
   eval_batches: int = 8
   checkpoint_every: int = 0  # 0: only at the end
   diverge_loss: float = 20.0  # a train loss above this (or NaN/inf) stops the run
+  # EBC arm: this many consecutive rejected (non-finite) gradients stop the run
+  # with status "stalled" (0: never).
+  stall_steps: int = 50
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +140,11 @@ def validate(cfg: Config) -> Config:
     value = getattr(getattr(cfg, section), key)
     if not value > 0:
       raise ValueError(f"{section}.{key} must be > 0; got {value!r}.")
+  if cfg.model.scan_layers and cfg.optim.spectral != "none":
+    raise ValueError(
+        "optim.spectral projects 2-D weight matrices; with model.scan_layers "
+        "the block kernels are stacked 3-D arrays and would be skipped. Use "
+        "model.scan_layers=false with a spectral projection.")
   ratio = cfg.optim.energy_ratio
   if (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
       or not math.isfinite(ratio) or ratio <= 0):

@@ -278,6 +278,13 @@ class GPT(nnx.Module):
       ``"learned"`` (a learned position embedding).
     param_dtype: ``jnp.float32`` or ``jnp.bfloat16``; parameters are stored
       and the forward pass is computed in it (softmax and RoPE in float32).
+    scan_layers: store the blocks stacked — one ``blocks`` module whose
+      parameters carry a leading layer axis — and run them with ``nnx.scan``
+      (compile time flat in depth). The blocks are initialised exactly as the
+      unrolled model's (same ``rngs`` draws, then stacked), so the same seed
+      gives the same function. EBC budgets them per slice with
+      ``stacked=("blocks",)``; the block activation norms are one ``[L]``
+      vector under ``blocks``.
     rngs: the :class:`flax.nnx.Rngs` used for initialisation.
 
   Raises:
@@ -287,7 +294,7 @@ class GPT(nnx.Module):
   def __init__(self, vocab_size: int, *, num_blocks: int = 3, d_embed: int = 128,
                num_heads: int = 4, seq_len: int = 256, mlp_ratio: int = 4,
                positions: str = "rope", param_dtype: Any = jnp.float32,
-               rngs: nnx.Rngs):
+               scan_layers: bool = False, rngs: nnx.Rngs):
     for name, value in (("vocab_size", vocab_size), ("num_blocks", num_blocks),
                         ("d_embed", d_embed), ("num_heads", num_heads),
                         ("seq_len", seq_len), ("mlp_ratio", mlp_ratio)):
@@ -311,10 +318,11 @@ class GPT(nnx.Module):
     if positions == "learned":
       self.pos_embed = nnx.Embed(seq_len, d_embed, dtype=dtype,
                                  param_dtype=dtype, rngs=rngs)
-    self.blocks = nnx.List([
-        Block(d_embed, num_heads, mlp_ratio, rope=positions == "rope",
-              param_dtype=dtype, rngs=rngs)
-        for _ in range(num_blocks)])
+    blocks = [Block(d_embed, num_heads, mlp_ratio, rope=positions == "rope",
+                    param_dtype=dtype, rngs=rngs)
+              for _ in range(num_blocks)]
+    self.scan_layers = bool(scan_layers)
+    self.blocks = stack_modules(blocks) if scan_layers else nnx.List(blocks)
     self.lm_head = LMHead(d_embed, vocab_size, param_dtype=dtype, rngs=rngs)
 
   def __call__(self, tokens: jax.Array, *,
@@ -340,13 +348,33 @@ class GPT(nnx.Module):
       if record_activations:
         record_activation_norm(self.pos_embed, pos)
       h = h + pos
-    for block in self.blocks:
-      if record_activations:
-        record_activation_norm(block, h)
-      h = block(h)
+    if self.scan_layers:
+      h, norms = _scan_blocks(self.blocks, h)
+      if record_activations:  # one norm per slice, each a block's input
+        self.blocks.sow(nnx.Intermediate, ACTIVATION_NORM, norms,
+                        reduce_fn=lambda _, new: new, init_fn=lambda: None)
+    else:
+      for block in self.blocks:
+        if record_activations:
+          record_activation_norm(block, h)
+        h = block(h)
     if record_activations:
       record_activation_norm(self.lm_head, h)
     return self.lm_head(h).astype(jnp.float32)
+
+
+def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
+  """One module of the same graph whose parameters are the ``modules``'
+  parameters stacked on a new leading axis (the layout of ``nnx.scan``)."""
+  graphdef, _ = nnx.split(modules[0])
+  states = [nnx.split(m)[1] for m in modules]
+  return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+
+
+@nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))
+def _scan_blocks(block: Block, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``h -> block(h)`` over the stacked blocks; also each block input's norm."""
+  return block(h), ebc_optax.activation_norm(h)
 
 
 # --- MLP classifier ----------------------------------------------------------------

@@ -33,7 +33,8 @@ from ebc_optax.experiments import spectral as spectral_lib
 
 EBC_SCALARS = ("c", "S", "tau", "delta", "applied_kl", "rho", "guard_factor",
                "probe_count", "clipped_steps", "guard_trips", "nonfinite_skips",
-               "rho_tr", "tr_shrunk", "tr_grown")
+               "rho_tr", "tr_shrunk", "tr_grown", "notfinite_count",
+               "total_notfinite")
 # Read from the energy clip's state (per layer, in ``Run.energy_layers`` order,
 # and the count of steps where a layer was clipped).
 ENERGY_METRICS = ("energy_ratio", "energy_scale", "energy_clipped_steps")
@@ -76,11 +77,15 @@ def build_run(cfg: config_lib.Config,
   fns = model_lib.functional(model_lib.GPT(
       dataset.vocab_size, num_blocks=m.num_blocks, d_embed=m.d_embed,
       num_heads=m.num_heads, seq_len=m.seq_len, positions=m.positions,
-      param_dtype=jnp.dtype(m.param_dtype), rngs=nnx.Rngs(key)))
+      param_dtype=jnp.dtype(m.param_dtype), scan_layers=m.scan_layers,
+      rngs=nnx.Rngs(key)))
   tx = optim_lib.build_optimizer(cfg, fns.apply_fn)
+  stacked = optim_lib.stacked_layers(cfg)
   return Run(cfg, dataset, fns.apply_fn, fns.params, tx,
-             ebc_optax.budget_layers(fns.params), fns.apply_with_activations,
-             ebc_optax.budget_layers(fns.params, include_embed_out=True))
+             ebc_optax.budget_layers(fns.params, stacked=stacked),
+             fns.apply_with_activations,
+             ebc_optax.budget_layers(fns.params, include_embed_out=True,
+                                     stacked=stacked))
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -225,6 +230,8 @@ def _summary(cfg: config_lib.Config, host: dict[str, Any], status: str,
   out: dict[str, Any] = {
       "status": status,
       "diverged": status == "diverged",
+      "stalled": status == "stalled",
+      "rejected_gradients": int(host.get("total_notfinite", 0)),
       "steps": steps,
       "final_train_loss": _finite_or_none(host["last_loss"]),
       "final_train_acc": _finite_or_none(host["last_acc"]),
@@ -289,7 +296,10 @@ def train(
 
   Returns:
     The summary dict (also in ``summary.json``). A run whose train loss turns
-    NaN/inf or exceeds ``train.diverge_loss`` stops with status ``diverged``.
+    NaN/inf or exceeds ``train.diverge_loss`` stops with status ``diverged``;
+    an EBC run whose last ``train.stall_steps`` gradients were all non-finite
+    (each rejected by :func:`ebc_optax.wrap`, so the parameters stopped
+    moving) stops with status ``stalled``.
   """
   run_dir = pathlib.Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
@@ -371,7 +381,12 @@ def train(
         last_probe_count = int(m["probe_count"])
       host["delta_in_use"] = float(m["delta"])
     diverged = not math.isfinite(loss) or loss > cfg.train.diverge_loss
-    if step % cfg.log.log_interval == 0 or step == steps - 1 or diverged:
+    stalled = (use_ebc and cfg.train.stall_steps > 0 and not diverged
+               and int(m["notfinite_count"]) >= cfg.train.stall_steps)
+    if use_ebc:
+      host["total_notfinite"] = int(m["total_notfinite"])
+    if (step % cfg.log.log_interval == 0 or step == steps - 1 or diverged
+        or stalled):
       record: dict[str, Any] = {"step": step, "train_loss": _finite_or_none(loss),
                                 "train_acc": acc, "lr": cfg.lr}
       if step % cfg.train.eval_interval == 0 or step == steps - 1:
@@ -395,8 +410,8 @@ def train(
       log.write(json.dumps(record) + "\n")
       log.flush()
       _progress(step + 1, steps, loss, c, cfg.log.progress, progress_prefix)
-    if diverged:
-      status = "diverged"
+    if diverged or stalled:
+      status = "diverged" if diverged else "stalled"
       return False
     return True
 

@@ -1,0 +1,251 @@
+"""EBC at depth: program size, compile time, step time and memory, 2 to 64 blocks.
+
+For the harness GPT at a small width (d 32, 2 heads, seq 32, batch 8, vocab
+65), unrolled (``nnx.List`` of blocks, a Python loop) and scanned
+(``scan_layers=True``: stacked blocks under ``nnx.scan``, EBC with
+``stacked=("blocks",)``), per EBC mode (defaults; the exact Fisher clip on a
+1/8 probe batch; the same with the trust-region radius), relative to
+``optax.adam`` alone on the same model, all in one process:
+
+  * ``program``: characters of the lowered StableHLO of the jitted train step;
+  * ``compile``: lowering + XLA compile time;
+  * ``peak_mem``: XLA's peak buffer bytes of the compiled step;
+  * ``step`` (``--time-depths`` only, at ``--time-width`` 128, the CPU
+    config's width): mean step time over whole cadence
+    windows of ``full_sweep_every`` (200) steps — the round-robin refreshes,
+    probes and the full β sweep amortised as in training — with quartiles of
+    the per-round paired ratios; ``sweep_step``: the full-sweep step alone
+    (the first step of each window) over adam's median step.
+
+And, per depth (unrolled), the β-refresh kernels on the default probe rows
+(B/4), over one forward pass on the full batch: ``per_layer_jvp`` (the old
+refresh: a JVP in one layer's leaves, mean over the first, middle and last
+block), ``masked_jvp`` (one JVP over all budgeted leaves with the tangent
+masked to one layer — the other one-program design), ``linearize_1`` /
+``linearize_2`` (``jax.linearize`` once, then the linear map on 1 / 2 masked
+layers: the refresh EBC runs) and ``sweep`` (linearize, then every layer).
+
+Run:  python benchmarks/depth.py            # ≈10 min on the 2-core VM
+      python benchmarks/depth.py --unrolled-max 64 --rounds 3   # the full table, ≈40 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import ebc_optax
+from ebc_optax import _layers
+from ebc_optax import _sensitivity
+from ebc_optax.experiments import model as model_lib
+from ebc_optax.experiments import optim as optim_lib
+
+VOCAB, D, HEADS, SEQ, BATCH = 65, 32, 2, 32, 8
+MODES = {
+    "default": {},
+    "exact_fisher": {"aggregate": "exact", "kl": "fisher",
+                     "probe_batch_size": 0.125},
+    "trust_region": {"aggregate": "exact", "kl": "fisher",
+                     "probe_batch_size": 0.125, "controller": "trust_region"},
+}
+WINDOW = 200  # full_sweep_every: one window holds every kind of step once
+
+
+class Problem:
+  def __init__(self, blocks: int, scanned: bool, width: int = D):
+    self.scanned = scanned
+    self.fns = model_lib.functional(model_lib.GPT(
+        VOCAB, num_blocks=blocks, d_embed=width, num_heads=HEADS, seq_len=SEQ,
+        scan_layers=scanned, rngs=nnx.Rngs(0)))
+    self.params = self.fns.params
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (BATCH, SEQ + 1), 0, VOCAB)
+    self.inputs, self.targets = tokens[:, :-1], tokens[:, 1:]
+    self.stacked = ("blocks",) if scanned else None
+
+  def loss(self, params):
+    logp = jax.nn.log_softmax(self.fns.apply_fn(params, self.inputs))
+    return -jnp.mean(jnp.take_along_axis(logp, self.targets[..., None], -1))
+
+  def optimizer(self, mode):
+    adam = optax.adam(2e-3)
+    if mode is None:
+      return adam
+    return optax.chain(adam, ebc_optax.ellipsotope_budget_clip(
+        self.fns.apply_fn, 0.05, loss_fn=optim_lib.next_token_loss,
+        stacked=self.stacked, **mode))
+
+  def step_fn(self, tx):
+    def step(params, state):
+      grads = jax.grad(self.loss)(params)
+      updates, state = tx.update(grads, state, params, batch=self.inputs)
+      return optax.apply_updates(params, updates), state
+    return jax.jit(step)
+
+
+def build(problem: Problem, mode) -> dict:
+  tx = problem.optimizer(mode)
+  step = problem.step_fn(tx)
+  state = tx.init(problem.params)
+  t0 = time.perf_counter()
+  lowered = step.lower(problem.params, state)
+  text = lowered.as_text()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  return {"step": compiled, "carry": (problem.params, state), "chars": len(text),
+          "compile_s": compile_s,
+          "peak": getattr(mem, "peak_memory_in_bytes", 0) or mem.temp_size_in_bytes,
+          "means": [], "sweeps": []}
+
+
+def time_window(arm: dict) -> None:
+  """One cadence window, each step timed on its own."""
+  carry, times = arm["carry"], []
+  for _ in range(WINDOW):
+    t0 = time.perf_counter()
+    carry = jax.block_until_ready(arm["step"](*carry))
+    times.append(time.perf_counter() - t0)
+  arm["carry"] = carry
+  arm["means"].append(statistics.mean(times))
+  arm["sweeps"].append(times[0])  # ebc_step % 200 == 0 after the warm-up window
+  arm.setdefault("medians", []).append(statistics.median(times))
+
+
+def arms_table(depth: int, scanned: bool, rounds: int, timed: bool,
+               width: int) -> list[str]:
+  problem = Problem(depth, scanned, width)
+  arms = {"adam": build(problem, None)}
+  arms.update({name: build(problem, mode) for name, mode in MODES.items()})
+  if timed:
+    for arm in arms.values():  # warm-up window: the next one starts on a sweep
+      time_window(arm)
+      arm["means"], arm["sweeps"], arm["medians"] = [], [], []
+    for _ in range(rounds):
+      for arm in arms.values():  # interleaved
+        time_window(arm)
+  base = arms["adam"]
+  rows = []
+  for name in MODES:
+    a = arms[name]
+    row = (f"{depth},{width},{'scanned' if scanned else 'unrolled'},{name},"
+           f"{a['chars'] / base['chars']:.2f},{a['compile_s'] / base['compile_s']:.2f},"
+           f"{a['peak'] / base['peak']:.3f}")
+    if timed:
+      paired = [x / y for x, y in zip(a["means"], base["means"])]
+      q = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
+      ratio = statistics.median(a["means"]) / statistics.median(base["means"])
+      sweep = statistics.median(a["sweeps"]) / statistics.median(base["medians"])
+      row += f",{ratio:.3f},{q[0]:.3f},{q[-1]:.3f},{sweep:.2f}"
+    else:
+      row += ",,,,"
+    rows.append(row + f",{1e3 * base['compile_s']:.0f},{base['chars']}")
+  return rows
+
+
+def timed(fn, *args, repeats=5):
+  jax.block_until_ready(fn(*args))
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / repeats
+
+
+def refresh_costs(depth: int, rounds: int) -> str:
+  """β-refresh kernels on B/4 rows over one full-batch forward (unrolled)."""
+  problem = Problem(depth, scanned=False)
+  params, apply_fn = problem.params, problem.fns.apply_fn
+  rows = problem.inputs[:max(1, BATCH // 4)]
+  part = _layers.partition_layers(params)
+  leaves, treedef = jax.tree.flatten(params)
+  updates = [jnp.ones_like(x) for x in leaves]
+  num_layers = len(part.labels)
+  sub_idx = part.budgeted_leaves
+  weights = lambda layer: jnp.where(jnp.arange(num_layers) == layer, 1.0, 0.0)
+
+  def per_layer(lv, b, layer):
+    idx = part.leaf_indices[layer]
+    return _sensitivity.directional_logit_change(
+        apply_fn, lv, treedef, idx, [updates[i] for i in idx], b)
+
+  def masked(lv, b, layer):
+    def f(sub):
+      full = list(lv)
+      for i, v in zip(sub_idx, sub):
+        full[i] = v
+      return apply_fn(jax.tree.unflatten(treedef, full), b)
+    return jax.jvp(f, ([lv[i] for i in sub_idx],),
+                   (_sensitivity.masked_direction(updates, part, weights(layer)),))[1]
+
+  def linearized(lv, b, count):
+    change = _sensitivity.layer_change_fn(apply_fn, lv, treedef, part, b)
+
+    def body(j, acc):
+      return acc + jnp.sum(jnp.square(change(
+          _sensitivity.masked_direction(updates, part, weights(j)), 1.0)[1]))
+    return jax.lax.fori_loop(0, count, body, jnp.zeros([]))
+
+  forward = jax.jit(apply_fn)
+  layers = sorted({0, num_layers // 2, num_layers - 1})
+  kernels = {
+      "per_layer_jvp": [jax.jit(lambda lv, b, l=l: per_layer(lv, b, l)) for l in layers],
+      "masked_jvp": [jax.jit(lambda lv, b, l=l: masked(lv, b, l)) for l in layers],
+      "linearize_1": [jax.jit(lambda lv, b: linearized(lv, b, 1))],
+      "linearize_2": [jax.jit(lambda lv, b: linearized(lv, b, 2))],
+      "sweep": [jax.jit(lambda lv, b: linearized(lv, b, num_layers))],
+  }
+  out = {k: [] for k in kernels}
+  for _ in range(rounds):
+    t_fwd = timed(forward, params, problem.inputs)
+    for name, fns in kernels.items():
+      out[name].append(statistics.mean(timed(f, leaves, rows) for f in fns) / t_fwd)
+  return f"{depth}," + ",".join(f"{statistics.median(v):.2f}" for v in out.values())
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--depths", type=int, nargs="*", default=[2, 4, 8, 16, 32, 64])
+  parser.add_argument("--unrolled-max", type=int, default=16,
+                      help="largest unrolled depth (XLA compiles an unrolled "
+                           "64-block step for minutes per arm; 64 for the full table)")
+  parser.add_argument("--time-depths", type=int, nargs="*", default=[3, 32],
+                      help="depths whose step times are measured (at --time-width)")
+  parser.add_argument("--time-width", type=int, default=128,
+                      help="d_embed of the timed rows (the CPU config's width: "
+                           "at d 32 per-op dispatch, not compute, dominates a step)")
+  parser.add_argument("--layouts", nargs="*", default=["unrolled", "scanned"])
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--refresh-depths", type=int, nargs="*", default=[8, 32])
+  args = parser.parse_args()
+  print(f"# machine: {platform.machine()} {platform.processor() or ''}, "
+        f"{jax.device_count()} x {jax.devices()[0].platform}, jax {jax.__version__}; "
+        f"GPT d {D}, {HEADS} heads, seq {SEQ}, batch {BATCH}, vocab {VOCAB}; "
+        f"{args.rounds} interleaved rounds of {WINDOW}-step windows")
+  print("blocks,d_embed,layout,mode,program_vs_adam,compile_vs_adam,peak_mem_vs_adam,"
+        "step_vs_adam,p25,p75,sweep_step_vs_adam_step,adam_compile_ms,adam_program_chars")
+  runs = [(d, D, False) for d in args.depths] + [
+      (d, args.time_width, True) for d in args.time_depths]
+  for depth, width, timed_row in runs:
+    for layout in args.layouts:
+      if layout == "unrolled" and depth > args.unrolled_max:
+        continue
+      for row in arms_table(depth, layout == "scanned", args.rounds, timed_row,
+                            width):
+        print(row, flush=True)
+  if args.refresh_depths:
+    print("# beta refresh on B/4 rows, over one full-batch forward (unrolled)")
+    print("blocks,per_layer_jvp,masked_jvp,linearize_1,linearize_2,sweep")
+    for depth in args.refresh_depths:
+      print(refresh_costs(depth, args.rounds), flush=True)
+
+
+if __name__ == "__main__":
+  main()

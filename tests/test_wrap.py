@@ -1,0 +1,133 @@
+"""``ebc_optax.wrap``: EBC around a base optimizer, the gradient guarded first."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import ebc_optax
+from conftest import next_token_loss, tiny_logits_fn
+
+
+def _train(tx, params, batch, steps, poison=None):
+  """``steps`` jitted steps; ``poison[i]`` is added to every gradient at step i."""
+  poison = poison or {}
+
+  @jax.jit
+  def step(params, state, bad):
+    grads = jax.grad(next_token_loss)(params, batch)
+    grads = jax.tree.map(lambda g: g.at[(0,) * g.ndim].add(bad), grads)
+    updates, state = tx.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  losses = []
+  for i in range(steps):
+    params, state = step(params, state, jnp.float32(poison.get(i, 0.0)))
+    losses.append(float(next_token_loss(params, batch)))
+  assert step._cache_size() == 1
+  return params, state, losses
+
+
+def test_wrap_adam_trains_and_clips(tiny):
+  _, params, batch, _ = tiny
+  tx = ebc_optax.wrap(optax.adam(0.3), tiny_logits_fn, target_kl=1e-3)
+  params, state, losses = _train(tx, params, batch, 6)
+  stats = ebc_optax.telemetry(state)
+  assert losses[-1] < losses[0]
+  assert 0 < float(stats["c"]) < 1 and int(stats["step"]) == 6
+  assert int(stats["total_notfinite"]) == 0
+
+
+def test_wrap_equals_the_chain_on_finite_gradients(tiny):
+  _, params, batch, _ = tiny
+  opts = dict(target_kl=1e-3, probe_every=2, update_every=2)
+  got, _, _ = _train(ebc_optax.wrap(optax.adam(0.1), tiny_logits_fn, **opts),
+                     params, batch, 5)
+  want, _, _ = _train(optax.chain(optax.adam(0.1), ebc_optax.ellipsotope_budget_clip(
+      tiny_logits_fn, **opts)), params, batch, 5)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nonfinite_gradients_at_random_steps_are_skipped_exactly(tiny, seed):
+  """NaN/Inf at random steps: adam's state stays finite, training goes on, and
+  the run equals the same run with those steps left out; counters are exact."""
+  _, params, batch, _ = tiny
+  rng = np.random.default_rng(seed)
+  steps = 12
+  bad_at = sorted(rng.choice(np.arange(1, steps), size=4, replace=False).tolist())
+  poison = {i: rng.choice([np.nan, np.inf, -np.inf]) for i in bad_at}
+  tx = ebc_optax.wrap(optax.adam(0.1), tiny_logits_fn, target_kl=1e-3,
+                      update_every=2, probe_every=2)
+  got, state, losses = _train(tx, params, batch, steps, poison)
+  chex.assert_tree_all_finite((got, state))
+  stats = ebc_optax.telemetry(state)
+  assert int(stats["total_notfinite"]) == len(bad_at)
+  assert int(stats["step"]) == steps - len(bad_at)
+  assert int(stats["nonfinite_skips"]) == 0  # nothing non-finite reached EBC
+  want_consecutive = 1 if bad_at[-1] == steps - 1 else 0
+  assert int(stats["notfinite_count"]) == want_consecutive
+  # The same run without the bad steps (a clean run of the remaining steps).
+  want, _, _ = _train(tx, params, batch, steps - len(bad_at))
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+  assert losses[-1] < losses[0]
+
+
+def test_consecutive_counter_and_max_consecutive_errors(tiny):
+  _, params, batch, _ = tiny
+  tx = ebc_optax.wrap(optax.sgd(0.1), tiny_logits_fn, max_consecutive_errors=2)
+  state = tx.init(params)
+  good = jax.grad(next_token_loss)(params, batch)
+  bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), good)
+  counts = []
+  for grads in (bad, bad, bad, good):
+    updates, state = tx.update(grads, state, params, batch=batch)
+    counts.append((int(state.notfinite_count), int(state.total_notfinite),
+                   all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))))
+  # Two rejections; the third consecutive one is applied (and EBC's own
+  # non-finite guard then zeroes it); a finite gradient resets the streak.
+  assert counts[0] == (1, 1, True) and counts[1] == (2, 2, True)
+  assert counts[2][:2] == (3, 3) and counts[3][:2] == (0, 3)
+  assert int(ebc_optax.telemetry(state)["nonfinite_skips"]) == 1
+
+
+def test_after_is_outside_the_clip(tiny):
+  """Decoupled weight decay as `after` is added unscaled to the clipped step."""
+  _, params, batch, _ = tiny
+  lr, wd = 0.3, 0.1
+  grads = jax.grad(next_token_loss)(params, batch)
+  tx = ebc_optax.wrap(optax.adam(lr), tiny_logits_fn, target_kl=1e-4,
+                      after=optax.add_decayed_weights(-lr * wd))
+  updates, state = tx.update(grads, tx.init(params), params, batch=batch)
+  plain = ebc_optax.wrap(optax.adam(lr), tiny_logits_fn, target_kl=1e-4)
+  clipped, _ = plain.update(grads, plain.init(params), params, batch=batch)
+  c = float(ebc_optax.telemetry(state)["c"])
+  assert c < 0.5
+  for u, v, p in zip(jax.tree.leaves(updates), jax.tree.leaves(clipped),
+                     jax.tree.leaves(params)):
+    np.testing.assert_allclose(u, v - lr * wd * p, rtol=1e-5, atol=1e-7)
+
+
+def test_lr_times_100_stays_finite(tiny):
+  _, params, batch, _ = tiny
+  tx = ebc_optax.wrap(optax.adam(30.0), tiny_logits_fn)
+  params, state, losses = _train(tx, params, batch, 30)
+  chex.assert_tree_all_finite((params, state))
+  assert np.all(np.isfinite(losses))
+  assert float(ebc_optax.telemetry(state)["c"]) < 0.05
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"max_consecutive_errors": -1}, "max_consecutive_errors"),
+    ({"max_consecutive_errors": 1.5}, "max_consecutive_errors"),
+    ({"after": "decay"}, "after must be an optax"),
+    ({"target_kl": 0.0}, "target_kl"),
+])
+def test_bad_arguments_are_clear_errors(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    ebc_optax.wrap(optax.adam(1e-3), tiny_logits_fn, **kwargs)
+  with pytest.raises(ValueError, match="base_optimizer"):
+    ebc_optax.wrap(optax.adam, tiny_logits_fn)

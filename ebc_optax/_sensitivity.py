@@ -332,11 +332,12 @@ def sensitivity_estimator(
     check_float_leaves(param_leaves, partition)
     update_leaves = jax.tree.leaves(updates)
     inv_norms = 1.0 / jnp.maximum(norms, jnp.finfo(jnp.float32).tiny)
-    # FD step per layer (slice), relative to its RMS entry.
-    eps = fd_epsilon(
-        _layers.per_layer_sum(_layers.leaf_sq_norms(param_leaves, partition),
-                              partition),
-        _layers.layer_sizes(param_leaves, partition), fd_step)
+    # FD step per layer (slice), relative to its RMS entry; the JVP needs
+    # none, so no pass over the weights is added to its step.
+    eps = jnp.ones([num_layers], jnp.float32) if sensitivity == "jvp" else (
+        fd_epsilon(_layers.per_layer_sum(
+            _layers.leaf_sq_norms(param_leaves, partition), partition),
+                   _layers.layer_sizes(param_leaves, partition), fd_step))
 
     step = jnp.asarray(step, jnp.int32)
     active = norms > 0

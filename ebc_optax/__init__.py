@@ -35,9 +35,12 @@ from ebc_optax._logits import trust_radius
 from ebc_optax._probe import kl_probe
 from ebc_optax._probe import KLProbeState
 from ebc_optax._probe import measure_applied_change
+from ebc_optax._relative import relative_radius
+from ebc_optax._relative import RelativeRadiusState
 from ebc_optax._safety import NonFiniteSkipState
 from ebc_optax._safety import skip_nonfinite
 from ebc_optax._sensitivity import directional_logit_change
+from ebc_optax._sensitivity import LogitMetric
 from ebc_optax._sensitivity import sensitivity_estimator
 from ebc_optax._sensitivity import SensitivityEstimator
 from ebc_optax._sensitivity import SensitivityState
@@ -58,8 +61,10 @@ __all__ = (
     "GuardState",
     "KLController",
     "KLProbeState",
+    "LogitMetric",
     "NonFiniteSkipState",
     "PIControllerState",
+    "RelativeRadiusState",
     "ProbeMeasurement",
     "SensitivityEstimator",
     "SensitivityState",
@@ -88,6 +93,7 @@ __all__ = (
     "per_token_kl",
     "per_token_rms_norm",
     "pi_controller",
+    "relative_radius",
     "sensitivity_estimator",
     "skip_nonfinite",
     "telemetry",

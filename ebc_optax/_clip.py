@@ -2,15 +2,16 @@
 
 :func:`budget_clip` is the EBC transformation with a fixed trust radius: it
 refreshes ``β`` (through a :class:`~ebc_optax.SensitivityEstimator`), forms
-``S = agg_ℓ(β_ℓ ‖ΔW_ℓ‖)`` and scales every update leaf by ``c``. The KL
-target ``δ`` and the guard's radius factor are *slots* in its state, read at
-every step: wrappers (:func:`~ebc_optax.kl_probe`) write them, the way
-``optax.inject_hyperparams`` writes hyperparameters.
+``S = agg_ℓ(β_ℓ ‖ΔW_ℓ‖)`` and scales every update leaf by ``c``. A wrapper
+that adapts the KL target ``δ`` or the guard's radius factor
+(:func:`~ebc_optax.kl_probe`) owns them and passes them *down* at every
+``update`` (the keyword arguments ``kl_target`` and ``radius_factor``), as
+``optax.inject_hyperparams`` passes hyperparameters: the clip records what it
+used and never knows it is wrapped.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -25,24 +26,25 @@ from ebc_optax import _validation
 
 
 class BudgetClipState(NamedTuple):
-  """State of :func:`budget_clip`.
+  """State of :func:`budget_clip`; the per-step fields describe the last step.
 
   Attributes:
     ebc_step: int32, number of updates applied so far (drives the cadences).
     sensitivity: the β estimator's state.
-    kl_target: float32, the KL target ``δ`` (nats/token) in use.
-    radius_factor: float32 in ``(0, 1]``, the guard's shrink factor on ``τ``.
-    trust_radius: float32, ``τ = sqrt(4δ) · radius_factor`` used at the last step.
+    kl_target: float32, the KL target ``δ`` (nats/token) used at the last step.
+    radius_factor: float32 in ``(0, 1]``, the guard's factor on ``τ`` used
+      at the last step.
+    trust_radius: float32, ``τ = sqrt(4δ) · radius_factor`` at the last step.
     surrogate: float32, ``S`` at the last step (per-token units).
     clip_scale: float32, ``c`` applied at the last step.
     layer_contribution: ``[L]`` float32, ``s_ℓ = safety·β_ℓ·‖ΔW_ℓ‖``.
     clipped_steps: int32, steps with ``c < 1``.
-    linear_change: float32, ``aggregate="exact"``: the linearised change
-      ``‖J ΔW‖`` of the whole proposed update at its last measurement (0
-      otherwise).
-    surrogate_calibration: float32, ``aggregate="exact"`` with
-      ``exact_every > 1``: ``‖J ΔW‖ / S_β`` at the last measurement, the
-      factor on the L1 β-surrogate between measurements (1 otherwise).
+    linear_change: float32, ``aggregate="exact"`` only (None otherwise): the
+      linearised change ``‖J ΔW‖`` of the whole proposed update at its last
+      measurement.
+    surrogate_calibration: float32, ``aggregate="exact"`` only (None
+      otherwise): ``‖J ΔW‖ / S_β`` at the last measurement, the factor on the
+      L1 β-surrogate between measurements (``exact_every > 1``; 1 otherwise).
     update_norm: float32, ``‖ΔW‖`` of the whole incoming update (every
       inexact leaf, budgeted or not) at the last step. Finite exactly when
       the update is, so a finite state certifies a finite output ``c·ΔW``
@@ -57,8 +59,8 @@ class BudgetClipState(NamedTuple):
   clip_scale: jax.Array
   layer_contribution: jax.Array
   clipped_steps: jax.Array
-  linear_change: jax.Array
-  surrogate_calibration: jax.Array
+  linear_change: jax.Array | None
+  surrogate_calibration: jax.Array | None
   update_norm: jax.Array
 
 
@@ -71,44 +73,6 @@ def require_extra(params: Any, batch: Any, who: str) -> None:
     raise ValueError(
         f"{who} needs the keyword argument `batch` (what logits_fn(params, "
         "batch) consumes) in update(updates, state, params, batch=batch).")
-
-
-ProbeBatchSize = int | float | None
-
-
-def probe_rows(probe_batch_size: ProbeBatchSize, rows: int) -> int:
-  """Rows used for probes out of a leading axis of ``rows``.
-
-  ``None``: all; an int ``n``: ``n`` (must be ``<= rows``); a float ``f`` in
-  ``(0, 1]``: ``max(1, ceil(f · rows))``.
-  """
-  if probe_batch_size is None:
-    return rows
-  if isinstance(probe_batch_size, float):
-    return max(1, min(rows, math.ceil(probe_batch_size * rows)))
-  if probe_batch_size > rows:
-    raise ValueError(
-        f"probe_batch_size={probe_batch_size} exceeds the batch's leading "
-        f"axis ({rows}); it must be in [1, {rows}] (or a fraction in (0, 1]).")
-  return probe_batch_size
-
-
-def take_probe_rows(batch: Any, probe_batch_size: ProbeBatchSize) -> Any:
-  """First rows (leading axis) of every leaf of ``batch``; see :func:`probe_rows`."""
-  if probe_batch_size is None:
-    return batch
-  if isinstance(probe_batch_size, jax.core.Tracer):
-    raise ValueError(
-        "probe_batch_size must be static (an int or a float); with "
-        "optax.inject_hyperparams list it in static_args.")
-
-  def take(x):
-    shape = getattr(x, "shape", ())
-    if not shape:
-      return x
-    n = probe_rows(probe_batch_size, shape[0])
-    return x if n == shape[0] else x[:n]
-  return jax.tree.map(take, batch)
 
 
 def scale_updates(updates: Any, scale: jax.Array) -> Any:
@@ -140,7 +104,6 @@ def budget_clip(
     layer_labels: _layers.LayerLabelsFn | None = None,
     include_embed_out: bool = False,
     stacked: _layers.Stacked = None,
-    probe_batch_size: ProbeBatchSize = None,
     eps: float = 1e-12,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales the whole update by ``c = min(1, τ / S)``.
@@ -150,9 +113,11 @@ def budget_clip(
     \tau = \sqrt{4\delta}\cdot g, \quad c = \min(1, \tau / \max(S, \epsilon))
 
   with per-token ``β`` (see :func:`sensitivity_estimator`), ``δ`` the
-  ``kl_target`` slot and ``g`` the guard's ``radius_factor`` slot of the state.
-  Embedding/output groups left out of the budget are scaled by ``c`` as well,
-  so the update direction never changes.
+  ``kl_target`` and ``g`` the ``radius_factor`` passed to ``update`` (by a
+  wrapper such as :func:`kl_probe`; ``target_kl`` and 1 when none is
+  passed). Embedding/output groups left out of the budget are scaled by
+  ``c`` as well, so the update direction never changes. β, ``‖J ΔW‖`` and
+  the rows they are measured on follow the estimator (its ``metric``).
 
   With ``aggregate="exact"`` there is no triangle inequality: ``S = ‖J ΔW‖``,
   the linearised change of the whole budgeted update, from one JVP on the
@@ -163,7 +128,8 @@ def budget_clip(
 
   Args:
     estimator: the β estimator (:func:`sensitivity_estimator`).
-    target_kl: initial ``δ`` in nats/token (> 0).
+    target_kl: ``δ`` in nats/token (> 0) when ``update`` is not given a
+      ``kl_target``.
     aggregate: ``"l1"``, ``"l2"`` (see :func:`budget_surrogate`) or
       ``"exact"``.
     exact_every: steps between ``‖J ΔW‖`` measurements (``"exact"``; >= 1,
@@ -174,18 +140,16 @@ def budget_clip(
     stacked: label prefixes of layers stacked on axis 0 (``nn.scan`` /
       ``nnx.scan`` models): slice ``i`` of every leaf under prefix ``p`` is
       layer ``"p/i"`` (see :func:`partition_layers`).
-    probe_batch_size: measure on the first rows of ``batch`` only: an int
-      (rows), a float in ``(0, 1]`` (fraction of the rows) or None (all).
     eps: floor on ``S``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``; ``update`` requires
-    ``params`` and the keyword ``batch``.
+    An ``optax.GradientTransformationExtraArgs``; ``update(updates, state,
+    params, *, batch, kl_target=None, radius_factor=None)`` requires
+    ``params`` and ``batch``.
   """
   _validation.check_number("target_kl", target_kl, lo=0, lo_open=True)
   _validation.check_choice("aggregate", aggregate, AGGREGATES)
   _validation.check_number("exact_every", exact_every, lo=1, integer=True)
-  _validation.check_probe_batch_size(probe_batch_size)
   _validation.check_number("eps", eps, lo=0, lo_open=True)
   exact = aggregate == "exact"
   # A traced exact_every (optax.inject_hyperparams) keeps the β estimator.
@@ -213,12 +177,13 @@ def budget_clip(
         clip_scale=jnp.ones([], jnp.float32),
         layer_contribution=jnp.zeros([num_layers], jnp.float32),
         clipped_steps=jnp.zeros([], jnp.int32),
-        linear_change=jnp.zeros([], jnp.float32),
-        surrogate_calibration=jnp.ones([], jnp.float32),
+        linear_change=jnp.zeros([], jnp.float32) if exact else None,
+        surrogate_calibration=jnp.ones([], jnp.float32) if exact else None,
         update_norm=jnp.zeros([], jnp.float32),
     )
 
-  def update(updates, state, params=None, *, batch=None, **extra_args):
+  def update(updates, state, params=None, *, batch=None, kl_target=None,
+             radius_factor=None, **extra_args):
     del extra_args
     require_extra(params, batch, "budget_clip")
     part = partition(params)
@@ -233,7 +198,7 @@ def budget_clip(
       raise ValueError(
           "updates and params must have the same tree structure; got "
           f"{jax.tree.structure(updates)} vs {jax.tree.structure(params)}.")
-    probe_batch = take_probe_rows(batch, probe_batch_size)
+    probe_batch = estimator.probe_batch(params, batch)
     norms, update_norm = _norms(jax.tree.leaves(updates), part)
     sens = state.sensitivity
     contributions = state.layer_contribution
@@ -263,10 +228,16 @@ def budget_clip(
       linear, calibration, surrogate = jax.lax.cond(
           state.ebc_step % jnp.asarray(exact_every, jnp.int32) == 0,
           measure, keep, None)
-    radius = _logits.trust_radius(state.kl_target) * state.radius_factor
+    delta = jnp.asarray(target_kl if kl_target is None else kl_target,
+                        jnp.float32)
+    factor = jnp.asarray(1.0 if radius_factor is None else radius_factor,
+                         jnp.float32)
+    radius = _logits.trust_radius(delta) * factor
     scale = _aggregate.clip_scale(surrogate, radius, eps)
     new_state = state._replace(
         ebc_step=state.ebc_step + 1,
+        kl_target=delta,
+        radius_factor=factor,
         sensitivity=sens,
         trust_radius=radius,
         surrogate=surrogate,

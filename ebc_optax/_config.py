@@ -13,6 +13,7 @@ import optax
 from ebc_optax import _controller
 from ebc_optax import _layers
 from ebc_optax import _logits
+from ebc_optax import _relative
 from ebc_optax import _transform
 from ebc_optax import _trust_region
 
@@ -23,11 +24,12 @@ class EBCConfig:
 
   Field ``x`` is read from the config key ``ebc_x``. The first nine are the
   reference repository's keys (``ebc_enable`` ... ``ebc_include_embed_out``);
-  the rest are ours. ``controller`` is ``"pi"``, ``"trust_region"`` or
-  ``"none"``; the ``pi_*`` fields are the PI controller's gains and clamp (see
-  :func:`~ebc_optax.pi_controller`), the ``tr_*`` fields the trust-region
-  controller's thresholds, factors and clamp (see
-  :func:`~ebc_optax.trust_region_radius`).
+  the rest are ours. ``controller`` is ``"pi"``, ``"trust_region"``,
+  ``"relative"`` or ``"none"``; the ``pi_*`` fields are the PI controller's
+  gains and clamp (see :func:`~ebc_optax.pi_controller`), the ``tr_*`` fields
+  the trust-region controller's thresholds, factors and clamp (see
+  :func:`~ebc_optax.trust_region_radius`), the ``rel_*`` fields the relative
+  radius's multiple and median rate (see :func:`~ebc_optax.relative_radius`).
   """
   enable: bool = True
   target_kl: float = 0.05
@@ -59,6 +61,8 @@ class EBCConfig:
   tr_grow_factor: float = 1.5
   tr_delta_min: float = 1e-4
   tr_delta_max: float = 1.0
+  rel_multiple: float = 4.0
+  rel_rate: float = 0.02
   stacked: tuple[str, ...] | None = None
   eps: float = 1e-12
 
@@ -89,11 +93,13 @@ def from_config(
     loss_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
     layer_labels: _layers.LayerLabelsFn | None = None,
     axis_name: _logits.AxisName = None,
+    probe_batch_fn: Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds :func:`ellipsotope_budget_clip` from ``ebc_*`` config keys.
 
   ``loss_fn`` (``(logits, batch) -> scalar``) is needed with
-  ``ebc_controller: "trust_region"``.
+  ``ebc_controller: "trust_region"``; the callables and ``axis_name`` are
+  not config values and are passed as arguments.
 
   Missing keys take the defaults of :class:`EBCConfig` (the values in
   ``configs/ebc_default.json``). With ``ebc_enable: false`` the result is an
@@ -114,7 +120,8 @@ def from_config(
   return _transform.ellipsotope_budget_clip(
       logits_fn, **transform_kwargs(cfg, loss_fn=loss_fn,
                                     layer_labels=layer_labels,
-                                    axis_name=axis_name))
+                                    axis_name=axis_name,
+                                    probe_batch_fn=probe_batch_fn))
 
 
 def transform_kwargs(
@@ -123,13 +130,14 @@ def transform_kwargs(
     loss_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
     layer_labels: _layers.LayerLabelsFn | None = None,
     axis_name: _logits.AxisName = None,
+    probe_batch_fn: Callable[[Any], Any] | None = None,
 ) -> dict[str, Any]:
   """Keyword arguments of :func:`ellipsotope_budget_clip` (and of
   :func:`wrap`) for ``cfg``; ``enable`` is not among them."""
-  if cfg.controller not in ("pi", "trust_region", "none"):
+  if cfg.controller not in ("pi", "trust_region", "relative", "none"):
     raise ValueError(
-        "ebc_controller must be one of ('pi', 'trust_region', 'none'); got "
-        f"{cfg.controller!r}.")
+        "ebc_controller must be one of ('pi', 'trust_region', 'relative', "
+        f"'none'); got {cfg.controller!r}.")
   controller = None
   if cfg.controller == "pi":
     controller = _controller.pi_controller(
@@ -140,6 +148,9 @@ def transform_kwargs(
         shrink_below=cfg.tr_shrink_below, grow_above=cfg.tr_grow_above,
         shrink_factor=cfg.tr_shrink_factor, grow_factor=cfg.tr_grow_factor,
         delta_min=cfg.tr_delta_min, delta_max=cfg.tr_delta_max)
+  elif cfg.controller == "relative":
+    controller = _relative.relative_radius(multiple=cfg.rel_multiple,
+                                           rate=cfg.rel_rate)
   return dict(
       target_kl=cfg.target_kl,
       update_every=cfg.update_every, probe_layers=cfg.probe_layers,
@@ -149,7 +160,8 @@ def transform_kwargs(
       center_logits=cfg.center_logits,
       include_embed_out=cfg.include_embed_out, sensitivity=cfg.sensitivity,
       huber_ratio=cfg.huber_ratio, fd_step=cfg.fd_step,
-      probe_batch_size=cfg.probe_batch_size, controller=controller,
+      probe_batch_size=cfg.probe_batch_size, probe_batch_fn=probe_batch_fn,
+      controller=controller,
       guard=cfg.guard, probe_every=cfg.probe_every, loss_fn=loss_fn,
       layer_labels=layer_labels,
       stacked=tuple(cfg.stacked) if cfg.stacked else None,

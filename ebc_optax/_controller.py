@@ -6,8 +6,9 @@ A controller is a pair of pure functions (:class:`KLController`):
 * ``update(state, measurement, δ, target_kl) -> (state, δ_new)``, called on
   every probe step with a :class:`ProbeMeasurement`.
 
-The δ in use lives in :class:`~ebc_optax.BudgetClipState`; the controller only
-proposes the next one. Swap in your own controller by building a
+The δ lives in :class:`~ebc_optax.KLProbeState` (``next_kl_target``), which
+passes it down to the clip at every step; the controller only proposes the
+next one. Swap in your own controller by building a
 :class:`KLController` and passing it as ``controller=``.
 """
 
@@ -31,7 +32,8 @@ class ProbeMeasurement(NamedTuple):
     applied_change: per-token RMS of the centered applied logit change ``T``.
     clip_scale: the ``c`` applied at this step.
     surrogate: the surrogate ``S`` of this step (per-token units).
-    guard_ratio: ``ρ = T / max(c·S, ε)``.
+    guard_ratio: ``ρ = T / (c·S)``; NaN when ``c·S <= ε`` (the surrogate
+      promised no change, so there is no ratio).
     interval: steps between probes (static int).
     loss_change: ``L(W + cΔW) − L(W)`` on the probe batch (0 unless the
       controller ``needs_loss``).
@@ -54,12 +56,15 @@ class KLController(NamedTuple):
   ``update(state, measurement, δ, target) -> (state, δ)``.
 
   ``needs_loss``: the probe must measure the loss change and its prediction
-  (then the transform needs ``loss_fn``).
+  (then the transform needs ``loss_fn``). ``every_step``: ``update`` runs on
+  every step, not only on probe steps; its measurement then carries the
+  step's ``clip_scale`` and ``surrogate`` and the latest probe's numbers.
   """
   init: Callable[[jax.Array], tuple[Any, jax.Array]]
   update: Callable[[Any, ProbeMeasurement, jax.Array, jax.Array],
                    tuple[Any, jax.Array]]
   needs_loss: bool = False
+  every_step: bool = False
 
 
 class PIControllerState(NamedTuple):

@@ -6,7 +6,9 @@ the surrogate under-estimated (stale or non-linear ``β``): the trust radius is
 then multiplied by ``1/ρ``. The factor is recomputed from each probe's ``ρ`` —
 ``ρ`` is a property of the surrogate, not of ``τ`` — so the guard never raises
 ``τ`` above the controller's ``sqrt(4δ)`` and relaxes only when a later probe
-shows the surrogate no longer under-estimates.
+shows the surrogate no longer under-estimates. When the surrogate promised
+no change (``c·S <= ε``: only leaves outside the budget moved, or nothing
+did) there is no ratio: ``ρ`` is NaN and the guard leaves ``τ`` alone.
 """
 
 from __future__ import annotations
@@ -32,22 +34,23 @@ def init_guard_state() -> GuardState:
 
 def guard_ratio(applied_change: jax.Array, clip_scale: jax.Array,
                 surrogate: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """``ρ = T / max(c·S, ε)`` (float32).
+  """``ρ = T / (c·S)`` (float32); NaN when ``c·S <= eps`` (no denominator).
 
   Example:
-    >>> float(guard_ratio(3.0, 0.5, 4.0))
-    1.5
+    >>> float(guard_ratio(3.0, 0.5, 4.0)), float(guard_ratio(3.0, 1.0, 0.0))
+    (1.5, nan)
   """
   predicted = jnp.asarray(clip_scale, jnp.float32) * jnp.asarray(surrogate, jnp.float32)
-  return jnp.asarray(applied_change, jnp.float32) / jnp.maximum(predicted, eps)
+  ratio = jnp.asarray(applied_change, jnp.float32) / jnp.maximum(predicted, eps)
+  return jnp.where(predicted > eps, ratio, jnp.nan).astype(jnp.float32)
 
 
 def guard_factor(ratio: jax.Array) -> jax.Array:
-  """Shrink-only radius factor ``min(1, 1/ρ)``.
+  """Shrink-only radius factor ``min(1, 1/ρ)``; 1 for an undefined (NaN) ``ρ``.
 
   Example:
-    >>> float(guard_factor(2.0)), float(guard_factor(0.5))
-    (0.5, 1.0)
+    >>> float(guard_factor(2.0)), float(guard_factor(0.5)), float(guard_factor(float("nan")))
+    (0.5, 1.0, 1.0)
   """
   ratio = jnp.asarray(ratio, jnp.float32)
   return jnp.where(ratio > 1.0, 1.0 / ratio, 1.0).astype(jnp.float32)

@@ -29,20 +29,28 @@ class KLProbeState(NamedTuple):
   """State of :func:`kl_probe`.
 
   Attributes:
-    clip_state: the wrapped :class:`BudgetClipState`.
+    clip_state: the wrapped clip's state (a :class:`BudgetClipState`).
     controller_state: the controller's state (``optax.EmptyState`` if none).
-    guard_state: :class:`GuardState`.
+    guard_state: :class:`GuardState`, or None without the guard.
+    next_kl_target: float32, the ``δ`` passed down at the next step (the
+      controller's latest proposal; ``target_kl`` without a controller).
+    next_radius_factor: float32, the guard's factor on ``τ`` passed down at
+      the next step (1 without the guard).
     applied_kl: float32, applied per-token KL at the last probe.
     applied_change: float32, ``T`` at the last probe.
-    guard_ratio: float32, ``ρ`` at the last probe.
+    predicted_change: float32, ``c·S`` at the last probe: what the surrogate
+      promised for the clipped step (0 when it promised nothing, ``c·S <=
+      eps``; the guard ratio ``ρ = T / (c·S)`` is then undefined).
     probe_count: int32, probes run so far.
   """
-  clip_state: _clip.BudgetClipState
+  clip_state: Any
   controller_state: Any
-  guard_state: _guard.GuardState
+  guard_state: _guard.GuardState | None
+  next_kl_target: jax.Array
+  next_radius_factor: jax.Array
   applied_kl: jax.Array
   applied_change: jax.Array
-  guard_ratio: jax.Array
+  predicted_change: jax.Array
   probe_count: jax.Array
 
 
@@ -182,128 +190,144 @@ def _is_probe_step(step: jax.Array, probe_every: int) -> jax.Array:
 
 def kl_probe(
     inner: optax.GradientTransformationExtraArgs,
-    logits_fn: Callable[[Any, Any], jax.Array],
+    estimator: _sensitivity.SensitivityEstimator,
     *,
     target_kl: float = 0.05,
     controller: _controller.KLController | None = None,
     guard: bool = True,
     probe_every: int = 20,
-    probe_batch_size: _clip.ProbeBatchSize = None,
-    center_logits: bool = True,
-    kl: str = "bound",
     loss_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
-    axis_name: _logits.AxisName = None,
     eps: float = 1e-12,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps a :func:`budget_clip` with the applied-KL probe, controller and guard.
 
-  Data flow per step: ``inner`` clips with ``τ = sqrt(4δ)·g`` from its state;
-  on probe steps (``step % probe_every == 0``, under ``lax.cond``) this
-  wrapper measures ``KL`` and ``T`` of the clipped update, computes
-  ``ρ = T / max(c·S, ε)``, sets ``g = min(1, 1/ρ)`` when ``guard`` and lets
-  ``controller`` propose the next ``δ``. With ``controller=None``, ``δ`` is
-  held at ``target_kl`` (re-read every step, so it can be scheduled with
-  ``optax.inject_hyperparams``).
+  This wrapper owns ``δ`` and the guard's radius factor ``g`` and passes
+  them *down* at every step — ``inner.update(..., kl_target=δ,
+  radius_factor=g)``, as ``optax.inject_hyperparams`` passes
+  hyperparameters — so a value takes effect on the step it is given: without
+  a controller ``δ = target_kl`` of this very step (a ``target_kl`` scheduled
+  with ``inject_hyperparams`` gives ``τ_t = sqrt(4·δ_t)``); with one, ``δ`` is
+  its latest proposal. On probe steps (``step % probe_every == 0``, under
+  ``lax.cond``) it measures ``KL`` and ``T`` of the clipped update, computes
+  ``ρ = T / (c·S)`` (undefined, NaN, when ``c·S <= eps``: the surrogate
+  promised no change), sets the next ``g = min(1, 1/ρ)`` when ``guard`` (1
+  when ``ρ`` is undefined) and lets ``controller`` propose the next ``δ``.
 
   Args:
-    inner: a :func:`budget_clip` transformation.
-    logits_fn: ``(params, batch) -> logits``.
-    target_kl: ``δ*`` (nats/token, > 0): the controller's target, or the fixed
-      ``δ`` without a controller.
+    inner: a :func:`budget_clip` transformation built on ``estimator``.
+    estimator: the :func:`sensitivity_estimator` of ``inner``; it owns the
+      logits function, the metric (``kl``, ``center_logits``,
+      ``axis_name``) and the probe rows, so the probe measures exactly as the
+      clip does.
+    target_kl: ``δ*`` (nats/token, > 0): the controller's target, or the
+      ``δ`` passed down without a controller.
     controller: a :class:`KLController` (e.g. :func:`pi_controller`) or None.
     guard: enable the shrink-only guard.
-    probe_every: steps between probes (>= 1; 0 disables probing).
-    probe_batch_size: probe on the first rows of ``batch`` (an int: rows; a
-      float in ``(0, 1]``: fraction; None: all).
-    center_logits: center the logit change per token for ``T``.
-    kl: metric of ``T`` (``"bound"`` or ``"fisher"``), as the inner clip's.
+    probe_every: steps between probes (>= 0; 0 disables probing).
     loss_fn: ``(logits, batch) -> scalar mean loss``; required by controllers
       with ``needs_loss`` (:func:`trust_region_radius`), which then also get
       the actual and predicted loss change of the probed step.
-    axis_name: ``pmap``/``shard_map`` axis to all-reduce over.
-    eps: floor on ``c·S`` in ``ρ``.
+    eps: ``ρ`` is undefined when ``c·S <= eps``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`KLProbeState`.
   """
   _validation.check_number("target_kl", target_kl, lo=0, lo_open=True)
   _validation.check_number("probe_every", probe_every, lo=0, integer=True)
-  _validation.check_probe_batch_size(probe_batch_size)
-  _validation.check_choice("kl", kl, _logits.KL_METRICS)
+  if not isinstance(estimator, _sensitivity.SensitivityEstimator):
+    raise ValueError(
+        "kl_probe needs the SensitivityEstimator its inner clip was built on "
+        f"(it owns the logits function and the metric); got {estimator!r}.")
   needs_loss = controller is not None and controller.needs_loss
   if needs_loss and not callable(loss_fn):
     raise ValueError(
         "This controller (e.g. trust_region_radius) compares the actual and "
         "predicted loss change, so it needs loss_fn=(logits, batch) -> scalar "
         f"mean loss; got loss_fn={loss_fn!r}.")
+  logits_fn, metric = estimator.logits_fn, estimator.metric
+  measure = dict(center_logits=metric.center_logits, kl=metric.kl,
+                 axis_name=metric.axis_name)
 
   def init(params):
-    clip_state = inner.init(params)
+    target = jnp.asarray(target_kl, jnp.float32)
     if controller is None:
-      ctrl_state, delta0 = optax.EmptyState(), jnp.asarray(target_kl, jnp.float32)
+      ctrl_state, delta0 = optax.EmptyState(), target
     else:
-      ctrl_state, delta0 = controller.init(jnp.asarray(target_kl, jnp.float32))
-    clip_state = clip_state._replace(
-        kl_target=delta0, trust_radius=_logits.trust_radius(delta0))
+      ctrl_state, delta0 = controller.init(target)
     zero = jnp.zeros([], jnp.float32)
     return KLProbeState(
-        clip_state=clip_state, controller_state=ctrl_state,
-        guard_state=_guard.init_guard_state(), applied_kl=zero,
-        applied_change=zero, guard_ratio=zero,
+        clip_state=inner.init(params), controller_state=ctrl_state,
+        guard_state=_guard.init_guard_state() if guard else None,
+        next_kl_target=jnp.asarray(delta0, jnp.float32),
+        next_radius_factor=jnp.ones([], jnp.float32),
+        applied_kl=zero, applied_change=zero, predicted_change=zero,
         probe_count=jnp.zeros([], jnp.int32))
 
   def update(updates, state, params=None, *, batch=None, **extra_args):
     _clip.require_extra(params, batch, "ellipsotope_budget_clip")
     step = state.clip_state.ebc_step
+    target = jnp.asarray(target_kl, jnp.float32)
+    delta = target if controller is None else state.next_kl_target
+    factor = state.next_radius_factor
     new_updates, clip_state = inner.update(
-        updates, state.clip_state, params, batch=batch, **extra_args)
-    if controller is None:
-      clip_state = clip_state._replace(
-          kl_target=jnp.asarray(target_kl, jnp.float32))
+        updates, state.clip_state, params, batch=batch, kl_target=delta,
+        radius_factor=factor, **extra_args)
+    scale, surrogate = clip_state.clip_scale, clip_state.surrogate
+
     def probe(operand):
-      clip_state, ctrl_state, guard_state = operand
+      ctrl_state, guard_state, factor = operand
       # Rebuild c·ΔW from the incoming updates rather than closing over the
       # outgoing ones: the outgoing update then stays fusible into the caller's
       # apply_updates instead of being materialised as a cond operand.
-      applied = _clip.scale_updates(updates, clip_state.clip_scale)
-      rows = _clip.take_probe_rows(batch, probe_batch_size)
+      applied = _clip.scale_updates(updates, scale)
+      rows = estimator.probe_batch(params, batch)
       if needs_loss:
         change, applied_kl, loss_change, predicted = measure_loss_change(
-            logits_fn, loss_fn, params, applied, rows,
-            center_logits=center_logits, kl=kl, axis_name=axis_name)
+            logits_fn, loss_fn, params, applied, rows, **measure)
       else:
         change, applied_kl = measure_applied_change(
-            logits_fn, params, applied, rows,
-            center_logits=center_logits, kl=kl, axis_name=axis_name)
+            logits_fn, params, applied, rows, **measure)
         loss_change = predicted = jnp.zeros([], jnp.float32)
-      ratio = _guard.guard_ratio(change, clip_state.clip_scale,
-                                 clip_state.surrogate, eps)
-      factor = clip_state.radius_factor
+      ratio = _guard.guard_ratio(change, scale, surrogate, eps)
       if guard:
         guard_state, factor = _guard.guard_update(guard_state, ratio)
-      delta = clip_state.kl_target
-      if controller is not None:
+      new_delta = delta
+      if controller is not None and not controller.every_step:
         measurement = _controller.ProbeMeasurement(
-            applied_kl=applied_kl, applied_change=change,
-            clip_scale=clip_state.clip_scale, surrogate=clip_state.surrogate,
-            guard_ratio=ratio, interval=probe_every,
+            applied_kl=applied_kl, applied_change=change, clip_scale=scale,
+            surrogate=surrogate, guard_ratio=ratio, interval=probe_every,
             loss_change=loss_change, predicted_loss_change=predicted)
-        ctrl_state, delta = controller.update(
-            ctrl_state, measurement, delta, jnp.asarray(target_kl, jnp.float32))
-      clip_state = clip_state._replace(kl_target=delta, radius_factor=factor)
-      return ((clip_state, ctrl_state, guard_state),
-              (applied_kl, change, ratio, jnp.int32(1)))
+        ctrl_state, new_delta = controller.update(ctrl_state, measurement,
+                                                  delta, target)
+      promised = scale * surrogate
+      promised = jnp.where(promised > eps, promised, 0.0).astype(jnp.float32)
+      return ((ctrl_state, guard_state, factor),
+              (jnp.asarray(new_delta, jnp.float32), applied_kl, change,
+               promised, jnp.int32(1)))
 
     def skip(operand):
-      return operand, (state.applied_kl, state.applied_change,
-                       state.guard_ratio, jnp.int32(0))
+      return operand, (delta, state.applied_kl, state.applied_change,
+                       state.predicted_change, jnp.int32(0))
 
-    operand = (clip_state, state.controller_state, state.guard_state)
-    (clip_state, ctrl_state, guard_state), (measured_kl, change, ratio, ran) = (
-        jax.lax.cond(_is_probe_step(step, probe_every), probe, skip, operand))
+    operand = (state.controller_state, state.guard_state, factor)
+    (ctrl_state, guard_state, factor), (new_delta, applied_kl, change, promised,
+                                        ran) = jax.lax.cond(
+        _is_probe_step(step, probe_every), probe, skip, operand)
+    if controller is not None and controller.every_step:
+      measurement = _controller.ProbeMeasurement(
+          applied_kl=applied_kl, applied_change=change, clip_scale=scale,
+          surrogate=surrogate,
+          guard_ratio=_guard.guard_ratio(change, scale, surrogate, eps),
+          interval=1)
+      ctrl_state, new_delta = controller.update(ctrl_state, measurement, delta,
+                                                target)
     return new_updates, KLProbeState(
         clip_state=clip_state, controller_state=ctrl_state,
-        guard_state=guard_state, applied_kl=measured_kl, applied_change=change,
-        guard_ratio=ratio, probe_count=state.probe_count + ran)
+        guard_state=guard_state,
+        next_kl_target=(jnp.asarray(new_delta, jnp.float32)
+                        if controller is not None else target),
+        next_radius_factor=factor, applied_kl=applied_kl,
+        applied_change=change, predicted_change=promised,
+        probe_count=state.probe_count + ran)
 
   return optax.GradientTransformationExtraArgs(init, update)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from ebc_optax import _layers
 from ebc_optax import _logits
+from ebc_optax import _rows
 from ebc_optax import _validation
 
 LogitsFn = Callable[[Any, Any], jax.Array]
@@ -237,6 +238,27 @@ def robust_ema(old: jax.Array, new: jax.Array, measured: jax.Array,
   return jnp.where(use_history, decay * old + (1.0 - decay) * clipped, clipped)
 
 
+class LogitMetric(NamedTuple):
+  """How logit changes are measured: one spec, owned by the estimator.
+
+  The β refresh, ``‖J ΔW‖``, and the applied-change probe of
+  :func:`~ebc_optax.kl_probe` all measure with it, so they cannot disagree.
+
+  Attributes:
+    kl: ``"bound"`` (centered Euclidean) or ``"fisher"`` (softmax Fisher norm).
+    center_logits: center logit changes per token (``"bound"``).
+    axis_name: ``pmap`` / ``shard_map`` axis the sums are all-reduced over.
+    probe_batch_size: the probe rows (see :mod:`ebc_optax._rows`): a
+      fraction, a row count or None (all rows).
+    probe_batch_fn: ``batch -> probe batch``, overriding ``probe_batch_size``.
+  """
+  kl: str = "bound"
+  center_logits: bool = True
+  axis_name: _logits.AxisName = None
+  probe_batch_size: _rows.ProbeBatchSize = None
+  probe_batch_fn: _rows.ProbeBatchFn | None = None
+
+
 class SensitivityEstimator(NamedTuple):
   """The β estimator: ``init(num_layers)`` and ``update(...)``, both pure.
 
@@ -244,13 +266,18 @@ class SensitivityEstimator(NamedTuple):
   the new :class:`SensitivityState`; ``effective_beta(state)`` is
   ``safety · β``; ``linear_change(partition, params, updates, batch)`` is the
   per-token size of the linearised change of the whole (budgeted) update,
-  ``‖J ΔW‖``, from one JVP (the ``aggregate="exact"`` mode). All sizes are in
-  the metric of the estimator's ``kl`` mode.
+  ``‖J ΔW‖``, from one JVP (the ``aggregate="exact"`` mode);
+  ``probe_batch(params, batch)`` the probe rows of ``batch``, which the
+  other methods expect as their ``batch``. All sizes are in the metric
+  ``metric`` of ``logits_fn``'s logits.
   """
   init: Callable[[int], SensitivityState]
   update: Callable[..., SensitivityState]
   effective_beta: Callable[[SensitivityState], jax.Array]
   linear_change: Callable[..., jax.Array]
+  probe_batch: Callable[[Any, Any], Any]
+  logits_fn: LogitsFn
+  metric: LogitMetric
 
 
 def sensitivity_estimator(
@@ -267,6 +294,8 @@ def sensitivity_estimator(
     fd_step: float = 1e-2,
     kl: str = "bound",
     axis_name: _logits.AxisName = None,
+    probe_batch_size: _rows.ProbeBatchSize = None,
+    probe_batch_fn: _rows.ProbeBatchFn | None = None,
 ) -> SensitivityEstimator:
   """Round-robin, EMA-smoothed estimator of per-layer sensitivities ``β_ℓ``.
 
@@ -297,6 +326,13 @@ def sensitivity_estimator(
       seeds') or ``"fisher"`` (``sqrt(2·Var_p)``, the softmax Fisher norm at
       the current logits); see :func:`~ebc_optax._logits.change_sq_sum`.
     axis_name: ``pmap``/``shard_map`` axis to all-reduce over.
+    probe_batch_size: rows of ``batch`` the measurements use (β, ``‖J ΔW‖``
+      and the probe of :func:`~ebc_optax.kl_probe`): a float in ``(0, 1]``
+      takes every ``round(1/f)``-th row, an int ``n`` every ``R // n``-th row
+      (the first ``n``), None every row; only leaves whose leading size is
+      the logits' leading size ``R`` are sliced (see :mod:`ebc_optax._rows`).
+    probe_batch_fn: ``batch -> probe batch``, replacing that rule for batches
+      it does not fit.
 
   Returns:
     A :class:`SensitivityEstimator`.
@@ -311,8 +347,19 @@ def sensitivity_estimator(
   _validation.check_number("safety", safety, lo=0, lo_open=True)
   _validation.check_number("fd_step", fd_step, lo=0, lo_open=True)
   _validation.check_choice("kl", kl, _logits.KL_METRICS)
+  _validation.check_probe_batch_size(probe_batch_size)
   if not callable(logits_fn):
     raise ValueError(f"logits_fn must be callable (params, batch) -> logits; got {logits_fn!r}.")
+  if probe_batch_fn is not None and not callable(probe_batch_fn):
+    raise ValueError(
+        f"probe_batch_fn must be callable (batch -> probe batch); got {probe_batch_fn!r}.")
+  metric = LogitMetric(kl=kl, center_logits=center_logits, axis_name=axis_name,
+                       probe_batch_size=probe_batch_size,
+                       probe_batch_fn=probe_batch_fn)
+
+  def probe_batch(params: Any, batch: Any) -> Any:
+    return _rows.probe_batch(logits_fn, params, batch, probe_batch_size,
+                             probe_batch_fn)
 
   def init(num_layers: int) -> SensitivityState:
     return init_sensitivity_state(num_layers)
@@ -409,4 +456,6 @@ def sensitivity_estimator(
 
   return SensitivityEstimator(init=init, update=update,
                               effective_beta=effective_beta,
-                              linear_change=linear_change)
+                              linear_change=linear_change,
+                              probe_batch=probe_batch, logits_fn=logits_fn,
+                              metric=metric)

@@ -13,12 +13,14 @@ from ebc_optax import _controller
 from ebc_optax import _layers
 from ebc_optax import _logits
 from ebc_optax import _probe
+from ebc_optax import _relative
+from ebc_optax import _rows
 from ebc_optax import _safety
 from ebc_optax import _sensitivity
 from ebc_optax import _trust_region
 from ebc_optax import _validation
 
-CONTROLLERS = (None, "pi", "trust_region")
+CONTROLLERS = (None, "pi", "trust_region", "relative")
 
 
 def ellipsotope_budget_clip(
@@ -38,7 +40,8 @@ def ellipsotope_budget_clip(
     sensitivity: str = "jvp",
     huber_ratio: float = 4.0,
     fd_step: float = 1e-2,
-    probe_batch_size: _clip.ProbeBatchSize = 0.25,
+    probe_batch_size: _rows.ProbeBatchSize = 0.25,
+    probe_batch_fn: _rows.ProbeBatchFn | None = None,
     controller: str | _controller.KLController | None = "pi",
     guard: bool = True,
     probe_every: int = 20,
@@ -76,12 +79,14 @@ def ellipsotope_budget_clip(
 
   Composition (data flows by wrapping, as in ``optax.inject_hyperparams``)::
 
+    est = sensitivity_estimator(...)      # β: round-robin JVP/FD, Huber + EMA,
+                                          # safety; owns the metric and probe rows
     skip_nonfinite(                       # zero step + count if anything is NaN/Inf
-      kl_probe(                           # every probe_every steps: applied KL, T, ρ
-        budget_clip(                      # β refresh, S, c = min(1, τ/S), scale
-          sensitivity_estimator(...)),    # round-robin JVP/FD, Huber + EMA, safety
-        controller=pi_controller(),       # writes δ into budget_clip's state
-        guard=True))                      # writes min(1, 1/ρ) into its state
+      kl_probe(                           # owns δ and g, passes them down each step;
+        budget_clip(est),                 # β refresh, S, c = min(1, τ/S), scale
+        est,                              # every probe_every steps: KL, T, ρ, then
+        controller=pi_controller(),       # the next δ
+        guard=True))                      # the next g = min(1, 1/ρ)
 
   Args:
     logits_fn: ``(params, batch) -> logits`` of shape ``[..., vocab]``; every
@@ -109,14 +114,19 @@ def ellipsotope_budget_clip(
       its EMA (>= 1).
     fd_step: relative finite-difference step (> 0).
     probe_batch_size: rows of ``batch`` used for ``β``, ``‖J ΔW‖`` and the
-      probe: a float in ``(0, 1]`` is a fraction of the leading axis (the
-      first ``max(1, ceil(f·B))`` rows; default a quarter, the seeds' "tiny
-      probe batch"), an int a row count, None all rows. Under ``pmap`` /
-      ``shard_map`` the rows are taken per replica; under ``jax.jit`` from the
-      global batch.
+      probe: a float ``f`` in ``(0, 1]`` takes every ``round(1/f)``-th row
+      (default every 4th, the seeds' "tiny probe batch"), an int ``n`` every
+      ``R // n``-th row (the first ``n``), None all rows. Only leaves whose
+      leading size is the logits' leading size ``R`` are sliced; the same
+      strided rule holds per replica under ``pmap`` / ``shard_map`` and on the
+      global batch under ``jax.jit`` (see ``ebc_optax._rows``).
+    probe_batch_fn: ``batch -> probe batch``, replacing that rule (for
+      batches with a leaf that has ``R`` leading entries but no rows).
     controller: ``"pi"`` (:func:`pi_controller` with the seeds' gains),
       ``"trust_region"`` (:func:`trust_region_radius`: δ adapted by the ratio
-      of actual to predicted loss decrease; needs ``loss_fn``), a
+      of actual to predicted loss decrease; needs ``loss_fn``),
+      ``"relative"`` (:func:`relative_radius`: δ a multiple of the running
+      median of the unclipped steps' predicted KL; ``target_kl`` unused), a
       :class:`KLController`, or None (fixed ``δ``).
     guard: shrink-only guard on the applied change.
     probe_every: steps between applied-KL probes (>= 0; 0 disables them, and
@@ -166,21 +176,22 @@ def ellipsotope_budget_clip(
     controller = _controller.pi_controller()
   elif controller == "trust_region":
     controller = _trust_region.trust_region_radius()
+  elif controller == "relative":
+    controller = _relative.relative_radius()
   estimator = _sensitivity.sensitivity_estimator(
       logits_fn, sensitivity=sensitivity, update_every=update_every,
       probe_layers=probe_layers, full_sweep_every=full_sweep_every,
       beta_ema=beta_ema, huber_ratio=huber_ratio, safety=safety,
       center_logits=center_logits, fd_step=fd_step, kl=kl,
-      axis_name=axis_name)
+      axis_name=axis_name, probe_batch_size=probe_batch_size,
+      probe_batch_fn=probe_batch_fn)
   clip = _clip.budget_clip(
       estimator, target_kl=target_kl, aggregate=aggregate,
       exact_every=exact_every,
       layer_labels=layer_labels, include_embed_out=include_embed_out,
-      stacked=stacked, probe_batch_size=probe_batch_size, eps=eps)
+      stacked=stacked, eps=eps)
   probed = _probe.kl_probe(
-      clip, logits_fn, target_kl=target_kl, controller=controller,
-      guard=guard, probe_every=probe_every, probe_batch_size=probe_batch_size,
-      center_logits=center_logits, kl=kl, loss_fn=loss_fn,
-      axis_name=axis_name, eps=eps)
+      clip, estimator, target_kl=target_kl, controller=controller,
+      guard=guard, probe_every=probe_every, loss_fn=loss_fn, eps=eps)
   # budget_clip's state holds update_norm and c: a finite state certifies c·u.
   return _safety.skip_nonfinite(probed, check_updates=False)

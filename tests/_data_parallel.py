@@ -58,7 +58,7 @@ def pmap_run(tx, loss, params, batch, steps, keys=()):
     replicated, state = p_step(replicated, state, shards)
   stats = ebc_optax.telemetry(state)
   # Every replica applied the same update and holds the same numbers.
-  for leaf in jax.tree.leaves(replicated) + [stats[k] for k in keys]:
+  for leaf in jax.tree.leaves(replicated) + [stats[k] for k in keys if k in stats]:
     np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[0], leaf.shape))
   return (jax.tree.map(lambda x: x[0], replicated),
           jax.tree.map(lambda x: x[0], stats))

@@ -28,8 +28,8 @@ LEARNING_RATE = 5e-2
 # so β refreshes, probes, the controller and the guard all run in STEPS steps.
 EBC_KW = dict(target_kl=0.003, update_every=1, probe_layers=1, probe_every=2)
 # Runs compared with the reference: name -> extra EBC keyword arguments.
-# "full" measures β and the KL probe on every row; "probe4" on the first 4
-# rows of the *global* batch, which live on process 0's devices only.
+# "full" measures β and the KL probe on every row; "probe4" on every 4th row
+# of the *global* batch (rows 0, 4, 8, 12: two on each process's devices).
 RUNS = {"full": {"probe_batch_size": None}, "probe4": {"probe_batch_size": 4}}
 TELEMETRY_KEYS = ("c", "S", "tau", "delta", "applied_kl", "applied_change",
                   "rho", "beta", "guard_factor", "step", "clipped_steps",

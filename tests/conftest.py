@@ -46,6 +46,27 @@ def next_token_loss(params, tokens):
   return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
 
 
+def telemetry_per_step(tx, params, batch, steps, loss=next_token_loss):
+  """Trains ``steps`` jitted steps of ``tx`` on ``loss``; the telemetry after
+  each (numpy) and the final params."""
+  import ebc_optax
+  import optax
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(loss)(params, batch)
+    updates, state = tx.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state
+
+  out = []
+  for _ in range(steps):
+    params, state = step(params, state)
+    out.append(jax.tree.map(np.asarray, ebc_optax.telemetry(state)))
+  assert step._cache_size() == 1  # one trace for the whole run
+  return out, params
+
+
 @pytest.fixture
 def tiny():
   """(logits_fn, params, batch, loss_fn) on vocab 11, 2 blocks."""

@@ -347,65 +347,6 @@ def test_next_token_loss_is_the_training_loss_within_the_inputs():
   assert float(optim.next_token_loss(logits, tokens)) == pytest.approx(want, rel=1e-5)
 
 
-def test_study_runs_every_stage_resumes_and_reports(tmp_path, capsys):
-  from ebc_optax.experiments import study
-  base = json.loads(SMOKE.read_text())
-  base["optim"]["clip"] = "none"
-  base["train"].update(steps=6, eval_interval=6, checkpoint_every=0)
-  out = tmp_path / "study"
-  kw = dict(base=base, seeds=(0,), tune_lrs=(1e-3, 3e-3), lr_scales=(1.0, 8.0),
-            only=("none", "fisher_d0.01", "fisher_d0.03", "fisher_tr_d0.01",
-                  "fisher_tr_e4_d0.01", "fisher_pi", "global_clip_n10"),
-            progress=False)
-  result = study.run_study(out, **kw)
-  lr = result["lr"]
-  assert lr in (1e-3, 3e-3)
-  arms = {(r["arm"], r["lr_scale"]) for r in result["rows"]}
-  assert {("none", 1.0), ("none", 8.0), ("fisher_tr_d0.01", 8.0),
-          ("fisher_tr_e4_d0.01", 8.0), ("fisher_pi", 1.0),
-          ("global_clip_n10", 1.0)} <= arms
-  for r in result["rows"]:
-    assert r["lr"] == pytest.approx(lr * r["lr_scale"])
-  text = (out / "study.md").read_text()
-  for heading in ("## LR tuning", "## Arms", "Against the bar",
-                  "## Trust-region radius vs the best fixed δ (‖J ΔW‖ every step",
-                  "## Trust-region radius vs the best fixed δ (‖J ΔW‖ every 4th",
-                  "### exact Fisher clip, fixed δ"):
-    assert heading in text
-  for name in ("val_vs_lr.png", "curves_x2.png", "curves_x4.png", "tr_delta.png"):
-    assert (out / name).stat().st_size > 0
-  with open(out / "study.csv") as f:
-    assert len(list(csv.DictReader(f))) == len(result["rows"]) + 2
-  # A rerun trains nothing: every run is read back from its summary.json.
-  stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
-  again = study.run_study(out, **kw)
-  assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == stamps
-  assert again["summary"] == result["summary"]
-  # The directory is tied to its settings: other settings are an error, not
-  # a silent reuse of runs that used different ones.
-  with pytest.raises(ValueError, match="different config.*train.steps"):
-    study.run_study(out, **{**kw, "steps": 7})
-
-
-def test_study_command_line(tmp_path, monkeypatch, capsys):
-  from ebc_optax.experiments import study
-  seen = {}
-
-  def fake_run_study(out, **kw):
-    seen.update(kw, out=out)
-    (out / "study.md").parent.mkdir(parents=True, exist_ok=True)
-    (out / "study.md").write_text("# Study\n")
-    return {"figures": []}
-
-  monkeypatch.setattr(study, "run_study", fake_run_study)
-  assert cli.main(["study", "--out", str(tmp_path / "s"), "--steps", "6",
-                   "--seeds", "0", "--lr_scales", "1,8", "--only", "none,energy",
-                   "--no-knobs", "--no-progress"]) == 0
-  assert "# Study" in capsys.readouterr().out
-  assert seen == dict(out=tmp_path / "s", steps=6, seeds=[0], lr_scales=[1.0, 8.0],
-                      only=["none", "energy"], knobs=False, progress=False)
-
-
 # --- scanned blocks ------------------------------------------------------------
 
 def _first_steps(cfg, steps):

@@ -18,7 +18,6 @@ from jax.flatten_util import ravel_pytree
 
 import _data_parallel as dp
 import ebc_optax
-from ebc_optax import _clip
 from ebc_optax import _logits
 from conftest import block_jacobian
 from conftest import next_token_loss
@@ -26,6 +25,7 @@ from conftest import block_norms
 from conftest import flat_block
 from conftest import np_center
 from conftest import random_like
+from conftest import telemetry_per_step
 from conftest import tiny_batch
 from conftest import tiny_logits_fn
 from conftest import tiny_params
@@ -292,9 +292,9 @@ def test_exact_surrogate_matches_brute_force_jacobian(model, kl):
   assert c == float(np.minimum(np.float32(1), tau32 / np.float32(S)))
   np.testing.assert_allclose(c, 0.2, rtol=1e-5)
   assert int(stats["clipped_steps"]) == 1
-  # exact_every=1: the β estimator does not run.
-  np.testing.assert_array_equal(np.asarray(stats["beta"]), 0.0)
-  np.testing.assert_array_equal(np.asarray(stats["contribution"]), 0.0)
+  # exact_every=1: the β estimator does not run, so no β was measured.
+  assert np.isnan(np.asarray(stats["beta"])).all()
+  assert np.isnan(np.asarray(stats["contribution"])).all()
   assert float(stats["calibration"]) == 1.0
   # Every leaf, embed and lm_head included, is scaled by the same c.
   for got, u in zip(jax.tree.leaves(out), jax.tree.leaves(updates)):
@@ -365,7 +365,7 @@ def test_fisher_layer_betas_match_brute_force(model, aggregate):
   np.testing.assert_allclose(np.asarray(stats["contribution"]), s_ref, rtol=1e-5)
   np.testing.assert_allclose(float(stats["S"]), surrogate(s_ref), rtol=1e-5)
   np.testing.assert_allclose(float(stats["c"]), 0.25, rtol=1e-5)
-  assert float(stats["S_lin"]) == 0.0 and float(stats["calibration"]) == 1.0
+  assert "S_lin" not in stats and "calibration" not in stats  # not "exact"
 
 
 # ---------------------------------------------------------------------------
@@ -496,7 +496,7 @@ def test_modes_trace_once_in_a_chain(model, aggregate, kl, exact_every):
     assert float(stats["S_lin"]) > 0
     assert (float(stats["calibration"]) == 1.0) == (exact_every == 1)
   else:
-    assert float(stats["S_lin"]) == 0.0
+    assert "S_lin" not in stats
 
 
 # ---------------------------------------------------------------------------
@@ -540,6 +540,9 @@ def _assert_matches(params, stats, reference):
   ref_params, ref_stats = reference
   chex.assert_trees_all_close(params, ref_params, rtol=2e-5, atol=2e-6)
   for key in PAR_KEYS:
+    if key not in ref_stats:  # S_lin, calibration: "exact" only
+      assert key not in stats
+      continue
     # A small step's KL (and T, ρ) cancel in float32: allow for the
     # reduction order.
     np.testing.assert_allclose(
@@ -560,7 +563,7 @@ def test_fisher_data_parallel_matches_single_device(par_setup, aggregate):
   ref_stats = reference[1]
   assert float(ref_stats["c"]) < 1.0  # the clip is active: a meaningful check
   assert float(ref_stats["applied_kl"]) > 0
-  assert (float(ref_stats["S_lin"]) > 0) == (aggregate == "exact")
+  assert ("S_lin" in ref_stats) == (aggregate == "exact")
 
   _assert_matches(*_pmap_run(_par_tx(aggregate, "dp"), params, batch), reference)
   _assert_matches(*dp.sharded_jit_run(_par_tx(aggregate), next_token_loss,
@@ -572,71 +575,27 @@ def test_fisher_data_parallel_matches_single_device(par_setup, aggregate):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size,rows", [
-    (0.25, 2), (0.3, 3), (1.0, 8), (0.5, 4), (0.01, 1), (0.125, 1),
-    (0.126, 2), (3, 3), (8, 8), (1, 1), (None, 8)])
-def test_take_probe_rows(size, rows):
-  x = jnp.arange(8 * 5).reshape(8, 5)
-  batch = {"tokens": x, "mask": jnp.arange(8.0), "scalar": jnp.float32(3.0)}
-  got = _clip.take_probe_rows(batch, size)
-  np.testing.assert_array_equal(got["tokens"], x[:rows])
-  np.testing.assert_array_equal(got["mask"], np.arange(8.0)[:rows])
-  assert float(got["scalar"]) == 3.0
-  assert _clip.probe_rows(size, 8) == rows
-
-
-def test_probe_rows_fraction_of_small_batches():
-  assert _clip.probe_rows(0.25, 1) == 1
-  assert _clip.probe_rows(0.25, 3) == 1
-  assert _clip.probe_rows(0.25, 5) == 2
-  assert _clip.probe_rows(1.0, 5) == 5
-  for rows in range(1, 40):
-    for f in (0.1, 0.25, 0.5, 0.9, 1.0):
-      assert _clip.probe_rows(f, rows) == max(1, math.ceil(f * rows))
-
-
-def test_take_probe_rows_int_too_large_raises():
-  with pytest.raises(ValueError, match="probe_batch_size=9"):
-    _clip.take_probe_rows(jnp.zeros((8, 5)), 9)
-
-
 @pytest.mark.parametrize("value", [0.0, 1.5, -1, 0, True, float("nan"),
                                    jnp.asarray(0.5), jnp.asarray(2)])
 def test_bad_probe_batch_size_raises_naming_it(value):
   with pytest.raises(ValueError, match="probe_batch_size"):
     ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, 0.05,
                                       probe_batch_size=value)
-  est = ebc_optax.sensitivity_estimator(tiny_logits_fn)
   with pytest.raises(ValueError, match="probe_batch_size"):
-    ebc_optax.budget_clip(est, probe_batch_size=value)
+    ebc_optax.sensitivity_estimator(tiny_logits_fn, probe_batch_size=value)
 
 
-def test_fractional_probe_batch_in_the_transform_uses_first_rows(model):
+def test_fractional_probe_batch_in_the_transform_uses_strided_rows(model):
+  """The rule itself is tested in test_rows.py; here it reaches ‖J ΔW‖."""
   params, batch = model
   updates = random_like(jax.random.PRNGKey(12), params, 0.1)
   _, _, stats = one_update(params, batch, updates, aggregate="exact",
-                           kl="fisher", probe_batch_size=0.3)  # ceil(2.4) rows
-  S_3 = brute_exact_S(params, batch[:3], updates, "fisher")
+                           kl="fisher", probe_batch_size=0.3)  # every 3rd row
+  S_3 = brute_exact_S(params, batch[::3], updates, "fisher")
   np.testing.assert_allclose(float(stats["S"]), S_3, rtol=1e-5)
-  # Neither 2 rows nor the whole batch would give this S.
-  S_all = float(one_update(params, batch, updates, aggregate="exact",
-                           kl="fisher")[2]["S"])
-  assert abs(S_all / S_3 - 1) > 1e-3
-
-
-def test_pmap_fractional_probe_batch_is_per_replica(par_setup):
-  params, batch = par_setup
-  shards = batch.reshape(8, 2, -1)
-  # Each replica's first half (its first row) comes first, then the rest.
-  reordered = jnp.concatenate([shards[:, 0], shards[:, 1]])
-  run = _single_device(_par_tx("exact", probe_batch_size=0.5))
-  reference = run(params, batch, reordered)
-  assert float(reference[1]["c"]) < 1.0
-  got = _pmap_run(_par_tx("exact", "dp", probe_batch_size=0.5), params, batch)
-  _assert_matches(*got, reference)
-  # The check can fail: the global first half is a different probe batch.
-  global_half = run(params, batch, batch)
-  assert abs(float(global_half[1]["S"]) / float(got[1]["S"]) - 1) > 1e-3
+  # Neither the first 3 rows nor the whole batch would give this S.
+  for other in (batch[:3], batch):
+    assert abs(brute_exact_S(params, other, updates, "fisher") / S_3 - 1) > 1e-3
 
 
 # ---------------------------------------------------------------------------
@@ -651,22 +610,11 @@ def test_pi_controller_tracks_the_target_with_fisher_exact(model):
       tiny_logits_fn, target, aggregate="exact", kl="fisher",
       controller=ebc_optax.pi_controller(delta_min=1e-3, delta_max=0.3),
       include_embed_out=True, probe_every=2, probe_batch_size=None))
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state):
-    grads = jax.grad(next_token_loss)(params, batch)
-    updates, state = tx.update(grads, state, params, batch=batch)
-    return optax.apply_updates(params, updates), state
-
   history = []
-  for k in range(30):
-    params, state = step(params, state)
-    stats = ebc_optax.telemetry(state)
+  for k, stats in enumerate(telemetry_per_step(tx, params, batch, 30)[0]):
     if k % 2 == 0:
       history.append((float(stats["applied_kl"]), float(stats["c"]),
                       float(stats["delta"])))
-  assert step._cache_size() == 1
   assert int(stats["probe_count"]) == 15
   later = history[len(history) // 2:]
   assert all(c < 1.0 for _, c, _ in later), history  # the clip is active
@@ -706,7 +654,8 @@ def test_fisher_guard_ratio_matches_brute_force(model, aggregate, safety):
   rho_ref = T_ref / (c_ref * S_ref)
   np.testing.assert_allclose(float(stats["applied_change"]), T_ref, rtol=1e-4)
   np.testing.assert_allclose(float(stats["rho"]), rho_ref, rtol=1e-4)
-  np.testing.assert_allclose(float(stats["guard_factor"]), min(1.0, 1 / rho_ref),
+  np.testing.assert_allclose(float(optax.tree.get(state, "next_radius_factor")),
+                             min(1.0, 1 / rho_ref),
                              rtol=1e-4)
   assert int(stats["guard_trips"]) == int(rho_ref > 1)
   if safety < 1:
@@ -742,8 +691,8 @@ def test_bad_kl_in_the_pieces_raises():
   with pytest.raises(ValueError, match="kl must be one of"):
     ebc_optax.sensitivity_estimator(tiny_logits_fn, kl="kl2")
   est = ebc_optax.sensitivity_estimator(tiny_logits_fn)
-  clip = ebc_optax.budget_clip(est)
-  with pytest.raises(ValueError, match="kl must be one of"):
-    ebc_optax.kl_probe(clip, tiny_logits_fn, kl="kl2")
+  # kl_probe has no metric of its own: it measures in the estimator's.
+  with pytest.raises(TypeError, match="kl"):
+    ebc_optax.kl_probe(ebc_optax.budget_clip(est), est, kl="fisher")
   with pytest.raises(ValueError, match="exact_every"):
     ebc_optax.budget_clip(est, aggregate="exact", exact_every=0)

@@ -100,7 +100,7 @@ def multiprocess_results(tmp_path_factory):
 def _single_device_reference(ebc_kw):
   """Same problem, one device, whole batch: (flat params, telemetry)."""
   params, batch = worker.problem()
-  tx = worker.make_tx(**ebc_kw)
+  tx = worker.make_tx(**{**worker.RUNS["full"], **ebc_kw})
   step = jax.jit(worker.make_step(tx))
   state = tx.init(params)
   for _ in range(worker.STEPS):
@@ -149,15 +149,23 @@ def test_processes_agree_and_match_single_device(multiprocess_results, run):
   assert int(stats["probe_count"]) == len(range(0, worker.STEPS,
                                                 worker.EBC_KW["probe_every"]))
   assert float(stats["applied_kl"]) > 0
-  params, _ = worker.problem()
-  start = ebc_optax.telemetry(worker.make_tx().init(params))
-  assert float(stats["delta"]) != pytest.approx(float(start["delta"]))
+  # The controller moved δ away from its (clamped) start.
+  assert float(stats["delta"]) != pytest.approx(
+      max(worker.EBC_KW["target_kl"], 0.01))
 
 
-def test_probe_batch_size_changes_the_probed_rows(multiprocess_results):
-  # "probe4" matched one device probing rows 0..3 of the *global* batch
-  # (process 0's rows only) in the test above; that is a real check of which
-  # rows were probed only if β depends on them.
-  results = multiprocess_results[1]
-  assert not np.allclose(results["probe4/stat/beta"], results["full/stat/beta"],
+def test_probe_rows_come_from_every_process(multiprocess_results):
+  """probe4 matched one device probing rows 0, 4, 8, 12 of the global batch
+  in the test above — half on each process. The first 4 rows (process 0's
+  only) are another probe batch, and so is every row: the check is real."""
+  got = _select(multiprocess_results[1], "probe4", "stat/")
+  def stats_of(reference):
+    return {k[len("stat/"):]: v for k, v in reference.items()
+            if k.startswith("stat/")}
+
+  strided = stats_of(_single_device_reference({"probe_batch_fn": lambda b: b[::4]}))
+  first = stats_of(_single_device_reference({"probe_batch_fn": lambda b: b[:4]}))
+  np.testing.assert_allclose(got["beta"], strided["beta"], rtol=2e-5)
+  assert not np.allclose(got["beta"], first["beta"], rtol=1e-3)
+  assert not np.allclose(got["beta"], multiprocess_results[1]["full/stat/beta"],
                          rtol=1e-3)

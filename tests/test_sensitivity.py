@@ -398,13 +398,13 @@ def test_zero_update_layer_contributes_nothing_and_is_measured_when_it_moves(mod
   update = jax.jit(tx.update)
   state = tx.init(params)
 
-  # Step 0: block 1 is zero -> never measured, β stays 0, contributes 0.
+  # Step 0: block 1 is zero -> never measured (β reads NaN), contributes 0.
   u0 = _zero_block(random_like(jax.random.PRNGKey(20), params), 1)
   out0, state = update(u0, state, params, batch=batch)
   st0 = ebc_optax.telemetry(state)
   b0 = brute_betas(jacs, u0, 40, 11)
   np.testing.assert_allclose(float(st0["beta"][0]), b0[0], rtol=1e-5)
-  assert float(st0["beta"][1]) == 0.0
+  assert np.isnan(float(st0["beta"][1]))
   assert float(st0["contribution"][1]) == 0.0
   n0 = block_norms(u0)
   np.testing.assert_allclose(float(st0["S"]), b0[0] * n0[0], rtol=1e-5)
@@ -440,7 +440,7 @@ def test_all_zero_update_is_a_no_op(model2):
   stats = ebc_optax.telemetry(state)
   assert float(stats["S"]) == 0.0
   assert float(stats["c"]) == 1.0
-  np.testing.assert_array_equal(np.asarray(stats["beta"]), [0.0, 0.0])
+  assert np.isnan(np.asarray(stats["beta"])).all()  # nothing was measured
   assert int(stats["nonfinite_skips"]) == 0
   for leaf in jax.tree.leaves(out):
     np.testing.assert_array_equal(np.asarray(leaf), 0.0)
@@ -473,10 +473,10 @@ def test_fd_transform_matches_jvp_transform(model2):
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_probe_batch_size_uses_first_rows(model2, rows):
+def test_probe_batch_size_uses_strided_rows(model2, rows):
   params, batch, jacs_full = model2
   updates = random_like(jax.random.PRNGKey(40), params)
-  sub = batch[:rows]
+  sub = batch[::len(batch) // rows][:rows]  # rows 0 / rows 0, 2, 4 of 8
   jacs_sub = block_jacobians(params, sub)
   beta_sub = brute_betas(jacs_sub, updates, rows * 5, 11)
   beta_full = brute_betas(jacs_full, updates, 40, 11)

@@ -141,8 +141,9 @@ def test_sharp_loss_rise_shrinks_and_never_blows_up():
   assert int(last["tr_shrunk"]) >= 2
   deltas = [float(h["delta"]) for h in history]
   assert deltas[-1] < deltas[0] and all(np.isfinite(deltas))
-  for h in history:
-    assert all(np.all(np.isfinite(np.asarray(v))) for v in h.values())
+  for h in history:  # β is never measured in this mode: NaN by design
+    assert all(np.all(np.isfinite(np.asarray(v))) for k, v in h.items()
+               if k not in ("beta", "contribution"))
 
 
 def test_telemetry_counts_every_evaluation():

@@ -99,10 +99,24 @@ def cmd_study(args) -> int:
   out = pathlib.Path(args.out)
   result = study.run_study(out, steps=args.steps, seeds=args.seeds,
                            lr_scales=args.lr_scales, only=args.only,
-                           knobs=not args.no_knobs, progress=not args.no_progress)
+                           legacy=args.legacy, progress=not args.no_progress,
+                           workers=args.workers)
   print((out / "study.md").read_text())
   for path in result["figures"]:
     print(f"# figure: {path}", file=sys.stderr)
+  return 0
+
+
+def cmd_spikes(args) -> int:
+  from ebc_optax.experiments import spikes
+  out = pathlib.Path(args.out)
+  result = spikes.run_spikes(out, steps=args.steps, arms=args.arms,
+                             kinds=args.kinds, seeds=args.seeds,
+                             progress=not args.no_progress,
+                             workers=args.workers)
+  print((out / "spikes.md").read_text())
+  if result["figure"]:
+    print(f"# figure: {result['figure']}", file=sys.stderr)
   return 0
 
 
@@ -213,22 +227,46 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=cmd_autopilot)
 
   p = sub.add_parser("study", formatter_class=fmt,
-                     help="which EBC trains best across LRs: tune adam, then "
-                          "every clipping arm at LR x1..x8, 2 seeds (resumable)")
+                     help="does EBC train better than the alternatives: tune "
+                          "adam and schedule-free AdamW, then adam, global "
+                          "clipping, Prodigy, schedule-free and EBC around each "
+                          "at LR x1..x8 (3 seeds at x1 and x8, 2 else; resumable)")
   p.add_argument("--out", default=str(DEFAULT_OUT / "study"),
                  help="study directory; rerun with the same one to resume")
   p.add_argument("--steps", type=int, default=None,
                  help="steps per run (default: the study preset, 1500)")
-  p.add_argument("--seeds", type=_csv(int), default=[0, 1])
+  p.add_argument("--seeds", type=_csv(int), default=None,
+                 help="seeds of every cell (default: 0,1,2 at x1 and x8, 0,1 else)")
   p.add_argument("--lr_scales", type=_csv(float), default=None,
                  help="override every arm's LR scales")
   p.add_argument("--only", type=_csv(str), default=None,
                  help="run only these arms (the tables then cover only them; "
                       "rerun without --only to tabulate every finished run)")
-  p.add_argument("--no-knobs", action="store_true",
-                 help="skip the knob sweeps of the single-knob arms")
+  p.add_argument("--legacy", action="store_true",
+                 help="also run the first study's arms (Adam base) and knob sweeps")
+  p.add_argument("--workers", type=int, default=1,
+                 help="runs trained at once, one CPU core each")
   p.add_argument("--no-progress", action="store_true")
   p.set_defaults(func=cmd_study)
+
+  p = sub.add_parser("spikes", formatter_class=fmt,
+                     help="damage and recovery after a mid-training burst of bad "
+                          "batches or an LR spike, per arm and kind (resumable; "
+                          "shares its tuning and no-burst runs with study)")
+  p.add_argument("--out", default=str(DEFAULT_OUT / "study"),
+                 help="study directory (the same as ebc-optax study's)")
+  p.add_argument("--steps", type=int, default=None,
+                 help="steps per run (default: the study preset, 1500)")
+  p.add_argument("--arms", type=_csv(str), default=None,
+                 help="arms (default: the study's peer arms)")
+  p.add_argument("--kinds", type=_csv(str),
+                 default=["repeat", "random", "markov", "shuffle", "lr"],
+                 help="burst kinds")
+  p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2])
+  p.add_argument("--workers", type=int, default=1,
+                 help="runs trained at once, one CPU core each")
+  p.add_argument("--no-progress", action="store_true")
+  p.set_defaults(func=cmd_spikes)
 
   p = sub.add_parser("sample", formatter_class=fmt, help="generate text from a run")
   p.add_argument("--checkpoint", required=True, help="a run directory")

@@ -18,12 +18,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ebc_optax import _config as ebc_config
+from ebc_optax.experiments import bursts
 
 DTYPES = ("float32", "bfloat16")
 DATASETS = ("markov", "shakespeare", "text")
-OPTIMIZERS = ("adam", "muon", "sgd")
+OPTIMIZERS = ("adam", "muon", "sgd", "prodigy", "schedule_free")
 CLIPS = ("none", "global", "ebc", "energy")
 SPECTRAL = ("none", "spec_normalize", "hard_cap", "spec_hammer")
+BURST_KINDS = bursts.BURST_KINDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +56,13 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  """Base optimizer, clipping arm, weight decay and weight constraint."""
+  """Base optimizer, clipping arm, weight decay and weight constraint.
+
+  ``optimizer``: ``adam``, ``muon``, ``sgd``, ``prodigy``
+  (``optax.contrib.prodigy``; ``lr`` is its learning-rate multiplier, 1.0 by
+  its own default) or ``schedule_free`` (``optax.contrib.schedule_free_adamw``,
+  evaluated at ``schedule_free_eval_params``).
+  """
   optimizer: str = "adam"
   lr: float = 2e-3
   lr_scale: float = 1.0  # the LR used is lr * lr_scale
@@ -83,6 +91,22 @@ class TrainConfig:
   # EBC arm: this many consecutive rejected (non-finite) gradients stop the run
   # with status "stalled" (0: never).
   stall_steps: int = 50
+  # Extra evaluation steps (besides every eval_interval and the last step).
+  eval_steps: tuple[int, ...] = ()
+  # A mid-training burst (ebc_optax.experiments.bursts): "none", or a kind of
+  # corrupted batch ("repeat", "random", "markov", "shuffle") or an LR spike
+  # ("lr": the LR times burst_lr_factor) for burst_steps steps from
+  # burst_start on (None: the middle of the run).
+  burst: str = "none"
+  burst_start: int | None = None
+  burst_steps: int = 10
+  burst_lr_factor: float = 30.0
+
+  @property
+  def burst_window(self) -> tuple[int, int]:
+    """``(first burst step, number of burst steps)``."""
+    start = self.steps // 2 if self.burst_start is None else self.burst_start
+    return start, self.burst_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +139,7 @@ _CHOICES = {
     ("optim", "clip"): CLIPS,
     ("optim", "spectral"): SPECTRAL,
     ("optim", "spectral_method"): ("power", "svd"),
+    ("train", "burst"): BURST_KINDS,
 }
 
 
@@ -152,9 +177,24 @@ def validate(cfg: Config) -> Config:
   if cfg.optim.clip == "ebc" and not cfg.ebc.enable:
     raise ValueError("optim.clip='ebc' contradicts ebc.enable=false; the EBC "
                      "arm is chosen with optim.clip.")
+  t = cfg.train
+  steps = t.eval_steps
+  if isinstance(steps, (str, bytes)) or not all(
+      isinstance(s, int) and not isinstance(s, bool) for s in steps):
+    raise ValueError(f"train.eval_steps must be a list of ints; got {steps!r}.")
+  if t.burst != "none":
+    start, n = t.burst_window
+    if not (isinstance(n, int) and n >= 1 and 0 <= start and start + n <= t.steps):
+      raise ValueError(
+          f"train.burst_start={t.burst_start} and train.burst_steps={n} must put "
+          f"the burst inside the run's {t.steps} steps (burst_steps >= 1).")
+    if not t.burst_lr_factor > 0:
+      raise ValueError(f"train.burst_lr_factor must be > 0; got {t.burst_lr_factor!r}.")
   if cfg.data.dataset == "text" and not cfg.data.path:
     raise ValueError("data.path (--data-path) is required for data.dataset='text'.")
-  return cfg
+  # JSON gives lists: one canonical form, so saved and asked-for configs compare.
+  return dataclasses.replace(cfg, train=dataclasses.replace(
+      t, eval_steps=tuple(sorted(set(steps)))))
 
 
 def merge(cfg: Config, overrides: Mapping[str, Any]) -> Config:

@@ -58,8 +58,11 @@ def run_figures(run_dir: pathlib.Path, out_dir: pathlib.Path | None = None,
     ax1.set_ylim(0, 1.05)
     ax1.set_ylabel("c")
     ax1.set_title(name)
-    ax2.semilogy(s, [max(r["applied_kl"], 1e-12) for r in ebc], label="applied KL")
-    ax2.semilogy(s, [r["delta"] for r in ebc], label="δ in use")
+    probed = [(r["step"], max(r["applied_kl"], 1e-12)) for r in ebc
+              if r.get("applied_kl") is not None]
+    if probed:  # null before the first probe, absent without a probe
+      ax2.semilogy(*zip(*probed), label="applied KL (last probe)")
+    ax2.semilogy(s, [r["delta"] for r in ebc], label="δ used")
     ax2.set_xlabel("step")
     ax2.set_ylabel("nats/token")
     ax2.legend()

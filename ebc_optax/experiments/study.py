@@ -44,17 +44,36 @@ from ebc_optax.experiments import config as config_lib
 from ebc_optax.experiments import plots
 from ebc_optax.experiments import sweeps
 
+# A mid-training burst for the spike suite (ebc_optax.experiments.spikes): its
+# window, and the clean evaluations around it. Every run of the study is
+# evaluated at these steps, so a run without a burst is the reference of the
+# same arm and seed with one.
+BURST_START, BURST_STEPS = 750, 10
+BURST_EVAL_OFFSETS = (0, 5, 10, 20, 40, 90, 190, 390)
+EVAL_STEPS = (BURST_START - 1,) + tuple(
+    BURST_START + BURST_STEPS - 1 + k for k in BURST_EVAL_OFFSETS)
 STUDY_BASE: dict[str, Any] = {
     "model": {"num_blocks": 2, "d_embed": 64, "num_heads": 4, "seq_len": 64},
     "data": {"dataset": "shakespeare"},
     "optim": {"optimizer": "adam", "lr": 2e-3, "clip": "none"},
     "train": {"steps": 1500, "batch_size": 16, "eval_interval": 500,
-              "eval_batches": 64, "checkpoint_every": 0},
+              "eval_batches": 64, "checkpoint_every": 0,
+              "eval_steps": list(EVAL_STEPS), "burst_start": BURST_START,
+              "burst_steps": BURST_STEPS},
     "log": {"log_interval": 10},
 }
 TUNE_LRS = (1e-3, 1.4e-3, 2e-3, 2.8e-3, 4e-3)
+MAX_EXTENSIONS = 4  # grid steps added past an edge that holds the best LR
 LR_SCALES = (1.0, 2.0, 4.0, 8.0)
-SEEDS = (0, 1)
+# The cells that decide (×1, ×8) run 3 seeds, the others 2.
+SEEDS = (0, 1, 2)
+DECISIVE_SCALES = (1.0, 8.0)
+OTHER_SEEDS = (0, 1)
+# The bases: LR ×1 is Adam's and schedule-free AdamW's tuned LR, and
+# Prodigy's own default (it is LR-free: its LR multiplies its estimate).
+BASES = ("adam", "prodigy", "schedule_free")
+TUNED_BASES = ("adam", "schedule_free")
+LR_FREE_LR = {"prodigy": 1.0}
 FISHER_DELTAS = (0.003, 0.01, 0.03)
 TRUST_REGION_STARTS = (0.001, 0.01, 0.1)
 ENERGY_LR_SCALES = (1.0, 3.0)
@@ -72,24 +91,86 @@ TR_CHEAP_PREFIX = "fisher_tr_e4_d"
 
 @dataclasses.dataclass(frozen=True)
 class StudyArm:
-  """An arm of the study: config overrides, its LR scales and its knob."""
+  """An arm of the study: config overrides, its base optimizer, its LR
+  scales (of the base's LR ×1) and its knob."""
   name: str
   overrides: dict[str, Any]
   lr_scales: tuple[float, ...] = LR_SCALES
   knob: str = ""  # the arm's own knob, for the sensitivity table
+  base: str = "adam"
 
 
 def _ebc(**ebc: Any) -> dict[str, Any]:
   return {"optim": {"clip": "ebc"}, "ebc": ebc}
 
 
-def base_arms() -> list[StudyArm]:
-  """Stage-2 arms that do not depend on other results."""
+def _on(base: str, overrides: dict[str, Any]) -> dict[str, Any]:
+  """``overrides`` with ``optim.optimizer = base``."""
+  out = {k: dict(v) for k, v in overrides.items()}
+  out.setdefault("optim", {})["optimizer"] = base
+  return out
+
+
+def peer_arms() -> list[StudyArm]:
+  """Stage 2: the bases a user would pick instead of EBC, and EBC around each.
+
+  Adam (no clipping), global-norm clipping before Adam, Prodigy, schedule-free
+  AdamW; EBC at its defaults (the seeds' recipe: L1 bound, PI controller,
+  guard) and the exact Fisher clip at ``δ = 0.01`` (the best fixed δ of the
+  first study) around Adam and Prodigy, and the defaults around
+  schedule-free; then the configurations that aim at needing no knob
+  (:func:`candidate_arms`).
+  """
   arms = [
-      StudyArm("none", {}, lr_scales=LR_SCALES + (3.0,)),
+      StudyArm("adam", {}),
       StudyArm("global_clip", {"optim": {"clip": "global",
                                          "global_clip_norm": 1.0}},
-               lr_scales=LR_SCALES + (3.0,), knob="norm=1"),
+               knob="norm=1"),
+      StudyArm("prodigy", _on("prodigy", {}), base="prodigy"),
+      StudyArm("schedule_free", _on("schedule_free", {}), base="schedule_free"),
+  ]
+  seeds_recipe = {"target_kl": 0.05}
+  fisher = dict(target_kl=0.01, controller="none", **_FISHER)
+  for base in BASES:
+    arms.append(StudyArm(f"ebc_{base}", _on(base, _ebc(**seeds_recipe)),
+                         knob="delta*=0.05", base=base))
+  for base in ("adam", "prodigy"):
+    arms.append(StudyArm(f"fisher_{base}_d0.01", _on(base, _ebc(**fisher)),
+                         knob="delta=0.01", base=base))
+  return arms + candidate_arms()
+
+
+# The relative radius with the exact Fisher clip at the cheap cadence.
+_REL_FISHER = {"controller": "relative", "aggregate": "exact", "kl": "fisher",
+               "exact_every": 4, "probe_batch_size": 0.125}
+
+
+def candidate_arms() -> list[StudyArm]:
+  """Configurations tested as the knob-free default: δ relative to the base's
+  own steps (:func:`ebc_optax.relative_radius`, multiple 4, no knob set),
+  with the default L1 bound and with the exact Fisher clip measured every
+  4th step, around Adam, the LR-free Prodigy and schedule-free AdamW."""
+  rel = {"controller": "relative"}
+  return [
+      StudyArm("rel_adam", _ebc(**rel), knob="none"),
+      StudyArm("rel_fisher_adam", _ebc(**_REL_FISHER), knob="none"),
+      StudyArm("rel_prodigy", _on("prodigy", _ebc(**rel)), knob="none",
+               base="prodigy"),
+      StudyArm("rel_fisher_prodigy", _on("prodigy", _ebc(**_REL_FISHER)),
+               knob="none", base="prodigy"),
+      StudyArm("rel_schedule_free", _on("schedule_free", _ebc(**rel)),
+               knob="none", base="schedule_free"),
+  ]
+
+
+def legacy_arms() -> list[StudyArm]:
+  """The first study's arms (Adam base only), runnable by name with
+  ``only=``: no clipping (``none``), the seeds' first EBC (fixed δ, L1),
+  the seeds' fix (``ebc_seed_pi``), the exact Fisher clip at fixed
+  ``δ ∈ {0.003, 0.01, 0.03}``, the trust-region radius from three starts
+  (every step and at the cheap cadence), the energy-budget clip."""
+  arms = [
+      StudyArm("none", {}, lr_scales=LR_SCALES + (3.0,)),
       # The seeds' first EBC: fixed δ = 0.05, L1 bound, no controller, no guard.
       StudyArm("ebc_seed_fixed", _ebc(target_kl=0.05, controller="none",
                                       guard=False), knob="delta=0.05"),
@@ -117,7 +198,7 @@ def base_arms() -> list[StudyArm]:
 
 
 def knob_arms() -> list[StudyArm]:
-  """Stage 4: the single-knob arms at other values of their knob (seed 0)."""
+  """The single-knob arms at other values of their knob (seed 0)."""
   arms = []
   for delta in (0.005, 0.5):
     arms.append(StudyArm(f"ebc_seed_fixed_d{delta:g}",
@@ -156,6 +237,11 @@ def fisher_pi_arm(delta: float) -> StudyArm:
                         **_FISHER), knob=f"delta*={delta:g}")
 
 
+def all_arms() -> dict[str, StudyArm]:
+  """Every arm the study knows, by name (``only=`` picks among them)."""
+  return {a.name: a for a in peer_arms() + legacy_arms() + knob_arms()}
+
+
 def _base_config(base: dict[str, Any], steps: int | None) -> config_lib.Config:
   cfg = config_lib.from_dict(base)
   if steps is not None:
@@ -167,11 +253,15 @@ def _scale_name(scale: float) -> str:
   return f"x{scale:g}"
 
 
-def tune_arms(cfg: config_lib.Config, lrs: Sequence[float] = TUNE_LRS) -> list[sweeps.Arm]:
-  return [sweeps.Arm(f"tune_lr{lr:g}",
-                     sweeps.with_values(cfg, optim={"lr": lr, "lr_scale": 1.0},
+def tune_arms(cfg: config_lib.Config, lrs: Sequence[float] = TUNE_LRS,
+              base: str = "adam") -> list[sweeps.Arm]:
+  """Stage 1: ``base`` (no clipping, seed 0) at each LR of ``lrs``."""
+  prefix = "tune_lr" if base == "adam" else f"tune_{base}_lr"
+  return [sweeps.Arm(f"{prefix}{lr:g}",
+                     sweeps.with_values(cfg, optim={"optimizer": base, "lr": lr,
+                                                    "lr_scale": 1.0},
                                         train={"seed": 0}),
-                     {"arm": "tune", "lr_scale": 1.0, "seed": 0})
+                     {"arm": "tune", "base": base, "lr_scale": 1.0, "seed": 0})
           for lr in lrs]
 
 
@@ -183,20 +273,38 @@ def best_lr(rows: Sequence[dict[str, Any]]) -> float:
   return float(min(ok, key=lambda r: r["val_loss"])["lr"])
 
 
-def study_arms(cfg: config_lib.Config, lr: float, arms: Sequence[StudyArm],
-               seeds: Sequence[int] = SEEDS) -> list[sweeps.Arm]:
+def seeds_for(scale: float, seeds: Sequence[int] | None) -> tuple[int, ...]:
+  """The seeds of a cell: 3 at the deciding scales (×1, ×8), else 2; or
+  ``seeds`` for every cell when given."""
+  if seeds is not None:
+    return tuple(seeds)
+  return SEEDS if scale in DECISIVE_SCALES else OTHER_SEEDS
+
+
+def run_name(arm: str, scale: float, seed: int, burst: str = "none") -> str:
+  """``<arm>_x<scale>_s<seed>``, plus ``_<burst>`` for a burst run."""
+  name = f"{arm}_{_scale_name(scale)}_s{seed}"
+  return name if burst == "none" else f"{name}_{burst}"
+
+
+def study_arms(cfg: config_lib.Config, lrs: dict[str, float] | float,
+               arms: Sequence[StudyArm], seeds: Sequence[int] | None = None,
+               burst: str = "none") -> list[sweeps.Arm]:
+  """The runs of ``arms``: every LR scale and seed (``seeds_for``), at LR
+  ``lrs[arm.base] × scale`` (a float: the same LR ×1 for every base)."""
   out = []
   for arm in arms:
+    lr = lrs if isinstance(lrs, (int, float)) else lrs[arm.base]
     for scale in arm.lr_scales:
-      for seed in seeds:
+      for seed in seeds_for(scale, seeds):
         sections = {k: dict(v) for k, v in arm.overrides.items()}
         sections.setdefault("optim", {}).update(lr=lr, lr_scale=scale)
-        sections.setdefault("train", {}).update(seed=seed)
+        sections.setdefault("train", {}).update(seed=seed, burst=burst)
         out.append(sweeps.Arm(
-            f"{arm.name}_{_scale_name(scale)}_s{seed}",
+            run_name(arm.name, scale, seed, burst),
             sweeps.with_values(cfg, **sections),
-            {"arm": arm.name, "lr_scale": scale, "seed": seed,
-             "knob": arm.knob}))
+            {"arm": arm.name, "base": arm.base, "lr_scale": scale,
+             "seed": seed, "knob": arm.knob, "burst": burst}))
   return out
 
 
@@ -223,10 +331,11 @@ def best_fisher_delta(rows: Sequence[dict[str, Any]]) -> float:
 
 
 def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-  """One row per (arm, LR scale): mean ± half-range over seeds and telemetry."""
+  """One row per (arm, LR scale) of the runs without a burst: mean ±
+  half-range over seeds, and telemetry means."""
   groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
   for r in rows:
-    if r.get("arm") in (None, "tune"):
+    if r.get("arm") in (None, "tune") or r.get("burst", "none") != "none":
       continue
     groups.setdefault((r["arm"], float(r["lr_scale"])), []).append(r)
   out = []
@@ -239,8 +348,8 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
       return float(np.mean(xs)) if xs else None
 
     out.append({
-        "arm": arm, "lr_scale": scale, "knob": rs[0].get("knob", ""),
-        "seeds": len(rs),
+        "arm": arm, "base": rs[0].get("base", "adam"), "lr_scale": scale,
+        "knob": rs[0].get("knob", ""), "seeds": len(rs),
         "val_loss_mean": float(np.mean(finite)) if finite else None,
         "val_loss_spread": (float(max(finite) - min(finite)) / 2
                             if len(finite) > 1 else 0.0) if finite else None,
@@ -255,27 +364,62 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   return out
 
 
+def paired_differences(rows: Sequence[dict[str, Any]], ref_arm: str,
+                       ref_scale: float = 1.0
+                       ) -> dict[tuple[str, float], tuple[float, float, int]]:
+  """Per (arm, LR scale): ``(mean, sd, n)`` over seeds of the arm's final val
+  loss minus ``ref_arm``'s at ``ref_scale`` with the same seed (runs without a
+  burst; a diverged run is +inf; ``sd`` is 0 for one seed)."""
+  ref = {r["seed"]: _val(r) for r in rows
+         if r.get("arm") == ref_arm and float(r["lr_scale"]) == ref_scale
+         and r.get("burst", "none") == "none"}
+  diffs: dict[tuple[str, float], list[float]] = {}
+  for r in rows:
+    if (r.get("arm") in (None, "tune") or r.get("burst", "none") != "none"
+        or r["seed"] not in ref):
+      continue
+    diffs.setdefault((r["arm"], float(r["lr_scale"])), []).append(
+        _val(r) - ref[r["seed"]])
+  return {k: (float(np.mean(d)), float(np.std(d, ddof=1)) if len(d) > 1 else 0.0,
+              len(d)) for k, d in diffs.items()}
+
+
 def _n(x: Any, fmt: str = ".4f") -> str:
   return "—" if x is None else format(x, fmt)
 
 
+def _pm(mean: float, sd: float) -> str:
+  return "div." if not math.isfinite(mean) else f"{mean:+.4f} ± {sd:.4f}"
+
+
 def markdown(summary: Sequence[dict[str, Any]], baseline: float | None,
-             lr: float) -> str:
+             lrs: dict[str, float] | float,
+             paired: dict[tuple[str, float], tuple[float, float, int]] | None = None
+             ) -> str:
   """The study's tables: per arm and LR, and the bar's verdict per arm."""
-  lines = [f"LR ×1 = {lr:g} (tuned). Baseline (no clipping, ×1) final val loss: "
-           f"{_n(baseline)}.", "",
-           "| arm | LR | val loss (mean ± half-range) | diverged | c p10/p50/p90 "
-           "| applied KL (mean) / target | probes within ±30% | tokens/s |",
-           "|---|---|---|---|---|---|---|---|"]
+  if isinstance(lrs, (int, float)):
+    lrs = {"adam": float(lrs)}
+  paired = paired or {}
+  lr_text = ", ".join(f"{b} {lr:g}" for b, lr in lrs.items())
+  lines = [f"LR ×1 per base: {lr_text}. Baseline (Adam, no clipping, ×1) final "
+           f"val loss: {_n(baseline)}. Δ vs Adam ×1: the paired difference per "
+           "seed (same seed of Adam ×1), mean ± sd over seeds.", "",
+           "| arm | base | LR | val loss (mean ± half-range) | Δ vs Adam ×1 "
+           "| seeds | diverged | c p10/p50/p90 | applied KL (mean) / target "
+           "| probes within ±30% | tokens/s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for s in sorted(summary, key=lambda s: (s["arm"], s["lr_scale"])):
     val = ("diverged" if s["val_loss_mean"] is None else
            f"{s['val_loss_mean']:.4f} ± {s['val_loss_spread']:.4f}")
     c = ("—" if s["c_p50"] is None else
          f"{s['c_p10']:.2f} / {s['c_p50']:.2f} / {s['c_p90']:.2f}")
     kl = ("—" if s["applied_kl_mean"] is None else
-          f"{s['applied_kl_mean']:.4f} / {s['target_kl']:.4f}")
+          f"{s['applied_kl_mean']:.4f} / {_n(s['target_kl'])}")
+    d = paired.get((s["arm"], s["lr_scale"]))
     lines.append(
-        f"| {s['arm']} | ×{s['lr_scale']:g} | {val} | {s['diverged']}/{s['seeds']} "
+        f"| {s['arm']} | {s.get('base', 'adam')} | ×{s['lr_scale']:g} | {val} "
+        f"| {'—' if d is None else _pm(d[0], d[1])} | {s['seeds']} "
+        f"| {s['diverged']}/{s['seeds']} "
         f"| {c} | {kl} | {_n(s['applied_kl_within_30pct'], '.2f')} "
         f"| {_n(s['tokens_per_s'], ',.0f')} |")
   if baseline is not None:
@@ -297,12 +441,18 @@ def _worst(ss: Sequence[dict[str, Any]]) -> float:
 
 
 def bar_table(summary: Sequence[dict[str, Any]], baseline: float) -> str:
-  """Each arm run at every LR scale of :data:`LR_SCALES` against the bar."""
-  lines = ["Against the bar (at every LR scale ×1…×8, final val loss within 1% "
-           f"of the tuned baseline at ×1, i.e. ≤ {1.01 * baseline:.4f}; "
-           "a diverged seed counts as a miss):", "",
-           "| arm | val loss ×1 / ×2 / ×4 / ×8 | worst / baseline | meets bar |",
-           "|---|---|---|---|"]
+  """Each arm run at every LR scale of :data:`LR_SCALES` against bar (a):
+  no worse than tuned Adam at ×1, and within 1% of it at every scale — for an
+  arm on an LR-free base, within 1% of that base's own ×1 (its default)."""
+  base_x1 = {s["arm"]: _arm_val(s) for s in summary if s["lr_scale"] == 1.0}
+  lines = ["Against bar (a): at ×1 no worse than tuned Adam ×1 "
+           f"({baseline:.4f}), and at every LR scale ×1…×8 within 1% of it "
+           f"(≤ {1.01 * baseline:.4f}) — or, on an LR-free base (Prodigy), "
+           "within 1% of that base's own ×1 run; a diverged seed counts as a "
+           "miss:", "",
+           "| arm | base | val loss ×1 / ×2 / ×4 / ×8 | worst / Adam ×1 "
+           "| worst / own base ×1 | meets (a) |",
+           "|---|---|---|---|---|---|"]
   by_arm: dict[str, dict[float, dict[str, Any]]] = {}
   for s in summary:
     by_arm.setdefault(s["arm"], {})[s["lr_scale"]] = s
@@ -310,12 +460,18 @@ def bar_table(summary: Sequence[dict[str, Any]], baseline: float) -> str:
     if not all(x in per_scale for x in LR_SCALES):
       continue
     ss = [per_scale[x] for x in LR_SCALES]
+    base = ss[0].get("base", "adam")
     worst = _worst(ss)
     ratio = worst / baseline
+    own = base_x1.get(base if base != "adam" else "adam")
+    own_ratio = worst / own if base in LR_FREE_LR and own else None
+    x1_ok = _arm_val(ss[0]) <= baseline
+    ok = x1_ok and (ratio <= 1.01 or (own_ratio is not None and own_ratio <= 1.01))
     cells = " / ".join(_cell(_arm_val(s)) for s in ss)
-    lines.append(f"| {arm} | {cells} "
+    lines.append(f"| {arm} | {base} | {cells} "
                  f"| {_n(ratio if math.isfinite(ratio) else None, '.3f')} "
-                 f"| {'yes' if ratio <= 1.01 else 'no'} |")
+                 f"| {_n(own_ratio if own_ratio and math.isfinite(own_ratio) else None, '.3f')} "
+                 f"| {'yes' if ok else 'no'} |")
   return "\n".join(lines) + "\n"
 
 
@@ -396,6 +552,7 @@ def figures(out_dir: pathlib.Path, rows: Sequence[dict[str, Any]],
   trust-region arm over training."""
   plt = plots._pyplot()
   paths = []
+  rows = [r for r in rows if r.get("burst", "none") == "none"]
   main = {s["arm"] for s in summary
           if all(any(t["arm"] == s["arm"] and t["lr_scale"] == x for t in summary)
                  for x in LR_SCALES) or s["arm"] == "energy"}
@@ -479,66 +636,147 @@ def figures(out_dir: pathlib.Path, rows: Sequence[dict[str, Any]],
 
 
 def run_study(out_dir: pathlib.Path, *, base: dict[str, Any] | None = None,
-              steps: int | None = None, seeds: Sequence[int] = SEEDS,
+              steps: int | None = None, seeds: Sequence[int] | None = None,
               tune_lrs: Sequence[float] = TUNE_LRS,
               lr_scales: Sequence[float] | None = None,
               only: Sequence[str] | None = None,
-              knobs: bool = True,
-              progress: bool = True) -> dict[str, Any]:
-  """Runs (or resumes) the whole study and writes its tables and figures.
+              legacy: bool = False,
+              progress: bool = True, workers: int = 1,
+              tune_extensions: int | None = None) -> dict[str, Any]:
+  """Runs (or resumes) the study and writes its tables and figures.
 
   Args:
     out_dir: the study directory (one sub-directory per run).
     base: the base config mapping (default :data:`STUDY_BASE`).
     steps: override ``train.steps`` of every run.
-    seeds: seeds of stage 2.
+    seeds: seeds of every stage-2 cell (default: 3 at ×1 and ×8, 2 else).
     tune_lrs: the LRs of stage 1.
     lr_scales: override the LR scales of every stage-2 arm.
-    only: run only the stage-2/3/4 arms with these names; the tables then
-      cover the tuning runs and these arms (rerun without ``only`` to tabulate
-      every arm: finished runs are read back, not retrained).
-    knobs: run stage 4 (the knob sweeps).
+    only: run only the arms with these names (any of :func:`all_arms`); the
+      tables then cover the tuning runs and these arms (rerun without
+      ``only`` to tabulate every arm: finished runs are read back).
+    legacy: also run the first study's arms (:func:`legacy_arms`, Adam only)
+      with their knob sweeps.
     progress: show progress bars.
+    workers: train this many runs at once, one CPU core each.
+    tune_extensions: grid steps the tuning may add past an edge that holds
+      the best LR (default :data:`MAX_EXTENSIONS`).
 
   Returns:
-    ``{"lr": ..., "baseline": ..., "rows": [...], "summary": [...]}``.
+    ``{"lrs": {base: LR ×1}, "baseline": ..., "rows": [...], "summary": [...]}``.
   """
   cfg = _base_config(base or STUDY_BASE, steps)
   out_dir.mkdir(parents=True, exist_ok=True)
-  tune_rows = sweeps.run_arms(tune_arms(cfg, tune_lrs), out_dir, progress=progress)
-  lr = best_lr(tune_rows)
-
-  def chosen(arms: Sequence[StudyArm]) -> list[StudyArm]:
-    arms = [a for a in arms if only is None or a.name in only]
-    if lr_scales is not None:
-      arms = [dataclasses.replace(a, lr_scales=tuple(lr_scales)) for a in arms]
-    return arms
-
-  rows = sweeps.run_arms(study_arms(cfg, lr, chosen(base_arms()), seeds),
-                         out_dir, progress=progress)
+  known = all_arms()
+  if only is not None:
+    unknown = sorted(set(only) - set(known) - {"fisher_pi"})
+    if unknown:
+      raise ValueError(f"unknown study arm(s) {unknown}; known: {sorted(known)}.")
+    arms = [known[n] for n in only if n in known]
+  else:
+    arms = peer_arms() + (legacy_arms() if legacy else [])
+  if lr_scales is not None:
+    arms = [dataclasses.replace(a, lr_scales=tuple(lr_scales)) for a in arms]
+  lrs, tune_rows = tune(cfg, out_dir, {a.base for a in arms}, tune_lrs,
+                        progress, workers, tune_extensions)
+  # Seed by seed: a partial study already covers every cell.
+  runs = sorted(study_arms(cfg, lrs, arms, seeds), key=lambda a: a.labels["seed"])
+  rows = sweeps.run_arms(runs, out_dir, progress=progress, workers=workers)
   fisher_rows = [r for r in rows if str(r.get("arm", "")).startswith("fisher_d")]
-  if fisher_rows:
+  if fisher_rows and (legacy or (only is not None and "fisher_pi" in only)):
     rows += sweeps.run_arms(
-        study_arms(cfg, lr, chosen([fisher_pi_arm(best_fisher_delta(fisher_rows))]),
-                   seeds), out_dir, progress=progress)
-  if knobs:
-    rows += sweeps.run_arms(study_arms(cfg, lr, chosen(knob_arms()), seeds[:1]),
-                            out_dir, progress=progress)
-  return report(out_dir, lr, tune_rows, rows)
+        study_arms(cfg, lrs, [fisher_pi_arm(best_fisher_delta(fisher_rows))],
+                   seeds), out_dir, progress=progress, workers=workers)
+  if legacy:
+    rows += sweeps.run_arms(study_arms(cfg, lrs, knob_arms(), (0,)), out_dir,
+                            progress=progress, workers=workers)
+  return report(out_dir, lrs, tune_rows, rows)
 
 
-def report(out_dir: pathlib.Path, lr: float, tune_rows: Sequence[dict[str, Any]],
+def tune(cfg: config_lib.Config, out_dir: pathlib.Path, bases: set[str],
+         tune_lrs: Sequence[float], progress: bool = True, workers: int = 1,
+         extensions: int = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+  """Stage 1: LR ×1 of every base in ``bases`` (and Adam's, the baseline):
+  tuned for Adam and schedule-free AdamW, the default for LR-free bases.
+
+  A best LR at either end of the grid is not tuned: the grid is then
+  extended by factors of √2 past that end (at most ``extensions`` times,
+  default :data:`MAX_EXTENSIONS`) until the best LR has a worse neighbour on
+  both sides.
+  """
+  extensions = MAX_EXTENSIONS if extensions is None else extensions
+  lrs, rows = dict(LR_FREE_LR), []
+  for b in TUNED_BASES:
+    if b != "adam" and b not in bases:
+      continue
+    grid = sorted(tune_lrs)
+    for attempt in range(extensions + 1):
+      tuned = sweeps.run_arms(tune_arms(cfg, grid, b), out_dir,
+                              progress=progress, workers=workers)
+      best = best_lr(tuned)
+      if len(grid) < 2 or grid[0] < best < grid[-1] or attempt == extensions:
+        break
+      grid.append(float(f"{grid[-1] * math.sqrt(2):.2g}") if best == grid[-1]
+                  else float(f"{grid[0] / math.sqrt(2):.2g}"))
+      grid.sort()
+    lrs[b] = best
+    rows += tuned
+  return lrs, rows
+
+
+def baseline_of(summary: Sequence[dict[str, Any]]) -> float | None:
+  """Adam (no clipping) at ×1: the ``adam`` arm, or the first study's ``none``."""
+  for name in ("adam", "none"):
+    for s in summary:
+      if s["arm"] == name and s["lr_scale"] == 1.0:
+        return s["val_loss_mean"]
+  return None
+
+
+def noise_floor(rows: Sequence[dict[str, Any]]) -> dict[str, float] | None:
+  """The seed noise of the comparisons: the sd over seeds of Adam ×1's final
+  val loss, and the median over (arm, scale) cells of the sd of the paired
+  differences to Adam ×1 (what a paired comparison's spread is)."""
+  ref = [_val(r) for r in rows if r.get("arm") in ("adam", "none")
+         and float(r.get("lr_scale", 0)) == 1.0 and r.get("burst", "none") == "none"]
+  ref = [v for v in ref if math.isfinite(v)]
+  if len(ref) < 2:
+    return None
+  ref_arm = "adam" if any(r.get("arm") == "adam" for r in rows) else "none"
+  sds = [sd for (arm, _), (m, sd, n) in paired_differences(rows, ref_arm).items()
+         if n > 1 and math.isfinite(m) and arm != ref_arm]
+  return {"adam_x1_sd": float(np.std(ref, ddof=1)), "adam_x1_seeds": len(ref),
+          "paired_sd_median": float(np.median(sds)) if sds else float("nan")}
+
+
+def report(out_dir: pathlib.Path, lrs: dict[str, float] | float,
+           tune_rows: Sequence[dict[str, Any]],
            rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
   """Writes study.csv/json/md and the figures from finished runs."""
+  if isinstance(lrs, (int, float)):
+    lrs = {"adam": float(lrs)}
   summary = aggregate(rows)
-  base_rows = [s for s in summary if s["arm"] == "none" and s["lr_scale"] == 1.0]
-  baseline = base_rows[0]["val_loss_mean"] if base_rows else None
+  baseline = baseline_of(summary)
+  ref_arm = "adam" if any(s["arm"] == "adam" for s in summary) else "none"
+  paired = paired_differences(rows, ref_arm)
   sweeps.write_tables(list(tune_rows) + list(rows), out_dir, stem="study",
                       results_stem="study_runs")
-  text = ["# Study", "", "## LR tuning (adam, no clipping, seed 0)", "",
-          "| LR | final val loss |", "|---|---|"]
-  text += [f"| {r['lr']:g} | {_n(r.get('val_loss'))} |" for r in tune_rows]
-  text += ["", "## Arms", "", markdown(summary, baseline, lr)]
+  text = ["# Study", ""]
+  for b in TUNED_BASES:
+    tuned = [r for r in tune_rows if r.get("base", "adam") == b]
+    if tuned:
+      text += [f"## LR tuning ({b}, no clipping, seed 0)", "",
+               "| LR | final val loss |", "|---|---|"]
+      text += [f"| {r['lr']:g} | {_n(r.get('val_loss'))} |" for r in tuned]
+      text += [""]
+  floor = noise_floor(rows)
+  text += ["## Arms", "", markdown(summary, baseline, lrs, paired)]
+  if floor:
+    text += [f"Noise floor: Adam ×1 over {floor['adam_x1_seeds']} seeds has sd "
+             f"{floor['adam_x1_sd']:.4f}; paired differences to Adam ×1 have a "
+             f"median sd of {floor['paired_sd_median']:.4f} over the cells with "
+             "more than one seed. A difference smaller than about twice that "
+             "is not resolved.", ""]
   for prefix, title in ((TR_PREFIX, "‖J ΔW‖ every step on B/4"),
                         (TR_CHEAP_PREFIX, "‖J ΔW‖ every 4th step on B/8")):
     tr = trust_region_table(summary, baseline, prefix)
@@ -553,7 +791,9 @@ def report(out_dir: pathlib.Path, lr: float, tune_rows: Sequence[dict[str, Any]]
     text += ["## How much each arm depends on its knob", ""] + knob_text
   (out_dir / "study.md").write_text("\n".join(text))
   (out_dir / "study.json").write_text(json.dumps(
-      {"lr": lr, "baseline": baseline, "summary": summary}, indent=2) + "\n")
+      {"lrs": lrs, "baseline": baseline, "noise_floor": floor,
+       "summary": summary}, indent=2) + "\n")
   figs = figures(out_dir, rows, summary, baseline)
-  return {"lr": lr, "baseline": baseline, "rows": list(rows),
-          "summary": summary, "figures": [str(p) for p in figs]}
+  return {"lrs": lrs, "lr": lrs.get("adam"), "baseline": baseline,
+          "rows": list(rows), "summary": summary,
+          "figures": [str(p) for p in figs]}

@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 
 import ebc_optax
+from ebc_optax.experiments import bursts
 from ebc_optax.experiments import config as config_lib
 from ebc_optax.experiments import data as data_lib
 from ebc_optax.experiments import model as model_lib
@@ -100,6 +101,10 @@ def make_train_step(run: Run):
   cfg = run.cfg
   tokens = jnp.asarray(run.dataset.train, jnp.int32)
   data_key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 1)
+  burst_key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 2)
+  burst_start, burst_steps = cfg.train.burst_window
+  other = (jnp.asarray(bursts.other_distribution(run.dataset.vocab_size))
+           if cfg.train.burst == "markov" else None)
   use_ebc = cfg.optim.clip == "ebc"
   use_energy = cfg.optim.clip == "energy"
 
@@ -115,6 +120,10 @@ def make_train_step(run: Run):
   def train_step(params, opt_state, step):
     inputs, targets = data_lib.sample_batch(
         tokens, data_key, step, cfg.train.batch_size, cfg.model.seq_len)
+    inputs, targets = bursts.burst_batch(
+        cfg.train.burst, step, inputs, targets, burst_key, start=burst_start,
+        steps=burst_steps, vocab_size=run.dataset.vocab_size,
+        other_tokens=other)
     (loss, (acc, norms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, inputs, targets)
     extra = {"activation_norms": norms} if use_energy else {}
@@ -128,7 +137,7 @@ def make_train_step(run: Run):
     metrics = {"loss": loss, "acc": acc}
     if use_ebc:
       stats = ebc_optax.telemetry(opt_state)
-      metrics.update({k: stats[k] for k in EBC_SCALARS})
+      metrics.update({k: stats[k] for k in EBC_SCALARS if k in stats})
       metrics["beta"] = stats["beta"]
       metrics["contribution"] = stats["contribution"]
       metrics["ebc_step"] = stats["step"]
@@ -152,9 +161,12 @@ def make_eval_fn(run: Run):
   targets = jnp.asarray(np.stack([b[1] for b in batches]), jnp.int32)
 
   @jax.jit
-  def evaluate(params):
+  def evaluate(params, opt_state):
+    """Val loss and accuracy at the run's evaluation point (the parameters,
+    or schedule-free's averaged iterate)."""
+    point = optim_lib.eval_params(opt_state, params)
     losses, accs = jax.lax.map(
-        lambda xy: cross_entropy(run.apply_fn(params, xy[0]), xy[1]),
+        lambda xy: cross_entropy(run.apply_fn(point, xy[0]), xy[1]),
         (inputs, targets))
     return jnp.mean(losses), jnp.mean(accs)
 
@@ -240,6 +252,8 @@ def _summary(cfg: config_lib.Config, host: dict[str, Any], status: str,
       # Median step time: robust to the compile step, evaluations and logging.
       "tokens_per_s": _tokens_per_s(cfg, host),
       "lr": cfg.lr,
+      # [step, clean val loss] at every evaluation (eval_interval, eval_steps).
+      "evals": host.get("evals", []),
   }
   if val is not None:
     out.update(val_loss=_finite_or_none(val[0]), val_acc=_finite_or_none(val[1]),
@@ -313,16 +327,16 @@ def train(
   use_energy = cfg.optim.clip == "energy"
   host: dict[str, Any] = {
       "c": [], "probe_kl": [], "probe_kl_ref": [], "durations": [], "cadence": [],
+      "evals": [],
       "last_loss": float("nan"), "last_acc": float("nan"), "steps_done": 0,
       "entropy_floor": run.dataset.entropy_floor,
       "layers": list(run.layers)}
-  if use_ebc:  # δ in use at the first step (controllers may clamp target_kl)
-    host["delta_in_use"] = float(ebc_optax.telemetry(opt_state)["delta"])
   start = 0
   metrics_path = run_dir / "metrics.jsonl"
   ckpt = latest_checkpoint(run_dir) if resume else None
   if ckpt is not None:
     params, opt_state, last, host = restore_checkpoint(ckpt, params, opt_state)
+    host.setdefault("evals", [])
     start = last + 1
     if metrics_path.exists():  # drop lines logged after the checkpoint
       keep = [l for l in metrics_path.read_text().splitlines()
@@ -336,9 +350,15 @@ def train(
   status = "ok"
   t_start = time.perf_counter()
   t_last = t_start
-  prev: tuple[int, Any, Any] | None = None
+  prev: tuple[int, Any, Any, Any] | None = None
   last_probe_count = host.get("last_probe_count", 0)
   log = open(metrics_path, "a", encoding="utf-8")
+
+  eval_steps = set(cfg.train.eval_steps)
+
+  def evaluate_now(step: int) -> bool:
+    return (step % cfg.train.eval_interval == 0 or step == steps - 1
+            or step in eval_steps)
 
   def cadence_step(ebc_step: int) -> bool:
     e = cfg.ebc
@@ -346,10 +366,12 @@ def train(
                         or (e.probe_every and ebc_step % e.probe_every == 0)
                         or (e.full_sweep_every and ebc_step % e.full_sweep_every == 0))
 
-  def handle(step: int, metrics: Any, params_after: Any) -> bool:
+  def handle(step: int, metrics: Any, params_after: Any,
+             state_after: Any) -> bool:
     """Consumes the (now finished) metrics of ``step``; False to stop.
 
-    ``params_after`` are the parameters after ``step`` (for evaluation).
+    ``params_after`` and ``state_after`` are the parameters and optimizer
+    state after ``step`` (for evaluation).
     """
     nonlocal t_last, last_probe_count, status
     m = jax.device_get(metrics)
@@ -370,34 +392,37 @@ def train(
     if use_ebc:
       host["c"].append(c)
       host["cadence"].append(cadence_step(int(m["ebc_step"]) - 1))
-      if int(m["probe_count"]) > last_probe_count:
+      if int(m.get("probe_count", 0)) > last_probe_count:
         host["probe_kl"].append(float(m["applied_kl"]))
         # What the applied KL should match: the PI controller's target δ*,
-        # otherwise the δ the clip used at this step (fixed, or adapted by
-        # the trust-region controller).
+        # otherwise the δ the clip used at this (probed) step (fixed, or
+        # adapted by the trust-region controller).
         host["probe_kl_ref"].append(
             cfg.ebc.target_kl if cfg.ebc.controller == "pi"
-            else host["delta_in_use"])
+            else float(m["delta"]))
         last_probe_count = int(m["probe_count"])
-      host["delta_in_use"] = float(m["delta"])
     diverged = not math.isfinite(loss) or loss > cfg.train.diverge_loss
     stalled = (use_ebc and cfg.train.stall_steps > 0 and not diverged
                and int(m["notfinite_count"]) >= cfg.train.stall_steps)
     if use_ebc:
       host["total_notfinite"] = int(m["total_notfinite"])
-    if (step % cfg.log.log_interval == 0 or step == steps - 1 or diverged
-        or stalled):
+    if (step % cfg.log.log_interval == 0 or evaluate_now(step)
+        or diverged or stalled):
       record: dict[str, Any] = {"step": step, "train_loss": _finite_or_none(loss),
                                 "train_acc": acc, "lr": cfg.lr}
-      if step % cfg.train.eval_interval == 0 or step == steps - 1:
-        vl, va = (float(v) for v in evaluate(params_after))
+      if evaluate_now(step):
+        vl, va = (float(v) for v in evaluate(params_after, state_after))
+        host["evals"].append([step, _finite_or_none(vl)])
         record.update(val_loss=_finite_or_none(vl), val_acc=va,
                       val_ppl=_finite_or_none(math.exp(min(vl, 700.0))))
       if use_ebc:
-        record.update({k: float(m[k]) for k in EBC_SCALARS})
-        record["eta_eff"] = c * cfg.lr
-        record["beta"] = np.asarray(m["beta"]).tolist()
-        record["contribution"] = np.asarray(m["contribution"]).tolist()
+        # NaN (not measured yet) is logged as null; absent keys stay absent.
+        record.update({k: _finite_or_none(float(m[k])) for k in EBC_SCALARS
+                       if k in m})
+        record["eta_eff"] = _finite_or_none(c * cfg.lr)
+        record["beta"] = [_finite_or_none(b) for b in np.asarray(m["beta"]).tolist()]
+        record["contribution"] = [_finite_or_none(b) for b in
+                                  np.asarray(m["contribution"]).tolist()]
       if use_energy:
         record["energy_ratios"] = {k: _finite_or_none(v) for k, v in ratios.items()}
         record["energy_ratio_max"] = _finite_or_none(ratio_max)
@@ -420,7 +445,7 @@ def train(
       params, opt_state, metrics = train_step(params, opt_state, jnp.int32(step))
       if prev is not None and not handle(*prev):
         break
-      prev = (step, metrics, params)
+      prev = (step, metrics, params, opt_state)
       if (cfg.train.checkpoint_every and step > start
           and step % cfg.train.checkpoint_every == 0 and step + 1 < stop_at):
         keep_going = handle(*prev)
@@ -442,7 +467,8 @@ def train(
     save_checkpoint(run_dir, last_step, params, opt_state, host)
     if stop_at < steps:
       return {"status": "stopped", "steps": host["steps_done"]}
-  val = tuple(float(v) for v in evaluate(params)) if status == "ok" else None
+  val = (tuple(float(v) for v in evaluate(params, opt_state)) if status == "ok"
+         else None)
   summary = _summary(cfg, host, status, val, wall)
   (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary

@@ -549,10 +549,11 @@ def plot_lm_run(run_dir: str | pathlib.Path):
   if ebc:
     s = [r["step"] for r in ebc]
     ax_c.plot(s, [r["c"] for r in ebc])
-    probed = [(r["step"], r["applied_kl"]) for r in ebc if r["probe_count"] > 0]
+    probed = [(r["step"], r["applied_kl"]) for r in ebc
+              if r.get("applied_kl") is not None]
     if probed:
       ax_kl.plot(*zip(*probed), label="applied KL (last probe)")
-    ax_kl.plot(s, [r["delta"] for r in ebc], label="δ in use")
+    ax_kl.plot(s, [r["delta"] for r in ebc], label="δ used")
   ax_kl.axhline(cfg.ebc.target_kl, color="k", ls="--", lw=0.8,
                 label=f"target δ* = {cfg.ebc.target_kl}")
   ax_c.set_ylim(0, 1.05)

@@ -1,0 +1,267 @@
+"""The spike suite (``ebc-optax spikes``): damage and recovery after a burst.
+
+Mid-training, for :data:`~ebc_optax.experiments.study.BURST_STEPS` steps from
+step :data:`~ebc_optax.experiments.study.BURST_START` on, the training batches
+are corrupted or the learning rate spikes (the kinds of
+:mod:`ebc_optax.experiments.bursts`). Every arm runs at LR ×1 of its base (as
+in the study, whose tuning and no-burst runs it shares: use the same
+``--out``), for every kind and seed, and its run without a burst — same arm,
+same seed, so same initialisation and batches — is the reference. The clean
+validation loss is evaluated just before the burst, right after it and at
+:data:`~ebc_optax.experiments.study.BURST_EVAL_OFFSETS` steps after it.
+
+Per arm and kind (``spikes.md``, ``spikes.csv``, ``spikes.png``):
+
+* **jump** — val loss right after the burst minus the reference's at the same
+  step (paired by seed; mean ± sd); **vs Adam** — the jump over Adam's jump
+  for the same kind (the bar: ≤ 5%);
+* the excess over the reference 50 steps and 390 steps after the burst;
+* **recovery** — steps after the burst until the excess is at most
+  :data:`RECOVERY_TOL` (median over seeds; ``>390`` if never measured so);
+* **final** — final val loss minus the reference's final val loss.
+
+Resumable like the study: finished runs are read back, not rerun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ebc_optax.experiments import bursts
+from ebc_optax.experiments import plots
+from ebc_optax.experiments import study
+from ebc_optax.experiments import sweeps
+
+KINDS = tuple(k for k in bursts.BURST_KINDS if k != "none")
+# The arms of the suite by default: the study's peers (candidates included).
+RECOVERY_TOL = 0.02  # nats: "recovered" = within this of the no-burst run
+EARLY_OFFSET = 40  # steps after the burst of the table's first excess column
+
+
+def default_arms() -> list[str]:
+  return [a.name for a in study.peer_arms()]
+
+
+def run_spikes(out_dir: pathlib.Path, *, base: dict[str, Any] | None = None,
+               steps: int | None = None, arms: Sequence[str] | None = None,
+               kinds: Sequence[str] = KINDS,
+               seeds: Sequence[int] = study.SEEDS,
+               tune_lrs: Sequence[float] = study.TUNE_LRS,
+               progress: bool = True, workers: int = 1,
+               tune_extensions: int | None = None) -> dict[str, Any]:
+  """Runs (or resumes) the spike suite and writes its tables and figure.
+
+  Runs are ordered seed by seed (every arm and kind for seed 0 first), so a
+  partial suite already covers every cell.
+
+  Args:
+    out_dir: the study directory (shared with ``ebc-optax study``).
+    base: the base config mapping (default :data:`study.STUDY_BASE`; its
+      ``train.burst_start``, ``burst_steps`` and ``eval_steps`` place the
+      burst and the evaluations around it).
+    steps: override ``train.steps``.
+    arms: arm names (any of :func:`study.all_arms`; default the peers).
+    kinds: burst kinds (default all of :data:`KINDS`).
+    seeds: seeds (default 0, 1, 2).
+    tune_lrs: the LRs of the tuning stage.
+    progress: show progress bars.
+    workers: train this many runs at once, one CPU core each.
+    tune_extensions: as in :func:`study.tune`.
+
+  Returns:
+    ``{"rows": [...], "table": [...], "figure": path}``.
+  """
+  cfg = study._base_config(base or study.STUDY_BASE, steps)
+  known = study.all_arms()
+  names = list(arms) if arms is not None else default_arms()
+  unknown = sorted(set(names) - set(known))
+  bad_kinds = sorted(set(kinds) - set(KINDS))
+  if unknown or bad_kinds:
+    raise ValueError(
+        f"unknown arm(s) {unknown} or burst kind(s) {bad_kinds}; arms: "
+        f"{sorted(known)}, kinds: {list(KINDS)}.")
+  if "adam" not in names:  # the jump is compared with Adam's
+    names = ["adam"] + names
+  chosen = [dataclasses.replace(known[n], lr_scales=(1.0,)) for n in names]
+  out_dir.mkdir(parents=True, exist_ok=True)
+  lrs, _ = study.tune(cfg, out_dir, {a.base for a in chosen}, tune_lrs,
+                      progress, workers, tune_extensions)
+  runs = []
+  for seed in seeds:
+    for kind in ("none",) + tuple(kinds):
+      runs += study.study_arms(cfg, lrs, chosen, (seed,), burst=kind)
+  rows = sweeps.run_arms(runs, out_dir, progress=progress, workers=workers)
+  return spike_report(out_dir, cfg, rows)
+
+
+def _evals(row: dict[str, Any]) -> dict[int, float]:
+  out = {}
+  for step, val in row.get("evals", []):
+    out[int(step)] = math.inf if val is None or row.get("diverged") else float(val)
+  return out
+
+
+def burst_metrics(run: dict[str, Any], ref: dict[str, Any], *, start: int,
+                  steps: int, offsets: Sequence[int]) -> dict[str, Any]:
+  """Paired numbers of one burst run against its no-burst reference."""
+  ev, ev_ref = _evals(run), _evals(ref)
+  end = start + steps - 1
+
+  def excess(step):
+    if step not in ev or step not in ev_ref:
+      return None
+    return ev[step] - ev_ref[step]
+
+  excesses = {k: excess(end + k) for k in offsets}
+  recovery = next((k for k in offsets if excesses[k] is not None
+                   and excesses[k] <= RECOVERY_TOL), None)
+  final = (study._val(run) - study._val(ref))
+  return {"before": ev.get(start - 1), "after": ev.get(end),
+          "jump": excesses.get(0), "excess": excesses,
+          "recovery": recovery, "final_excess": final}
+
+
+def spike_table(cfg, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """One row per (arm, kind): the paired metrics averaged over seeds."""
+  start, steps = cfg.train.burst_window
+  offsets = study.BURST_EVAL_OFFSETS
+  refs = {(r["arm"], r["seed"]): r for r in rows if r.get("burst", "none") == "none"}
+  cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
+  for r in rows:
+    kind = r.get("burst", "none")
+    if kind == "none" or (r["arm"], r["seed"]) not in refs:
+      continue
+    m = burst_metrics(r, refs[(r["arm"], r["seed"])], start=start, steps=steps,
+                      offsets=offsets)
+    cells.setdefault((r["arm"], kind), []).append(m)
+  table = []
+  for (arm, kind), ms in cells.items():
+    def stat(values):
+      xs = [x for x in values if x is not None]
+      if not xs:
+        return None, None
+      if not all(math.isfinite(x) for x in xs):
+        return math.inf, 0.0
+      return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+    rec = [m["recovery"] for m in ms]
+    table.append({
+        "arm": arm, "kind": kind, "seeds": len(ms),
+        "before": stat([m["before"] for m in ms])[0],
+        "after": stat([m["after"] for m in ms])[0],
+        "jump": stat([m["jump"] for m in ms]),
+        "excess_early": stat([m["excess"].get(EARLY_OFFSET) for m in ms]),
+        "excess_last": stat([m["excess"].get(offsets[-1]) for m in ms]),
+        # Not recovered within the window counts as +inf in the median.
+        "recovery_median": float(np.median(
+            [math.inf if x is None else x for x in rec])),
+        "recovered": sum(x is not None for x in rec),
+        "final_excess": stat([m["final_excess"] for m in ms]),
+    })
+  adam = {t["kind"]: t["jump"][0] for t in table if t["arm"] == "adam"}
+  for t in table:
+    ref = adam.get(t["kind"])
+    t["jump_vs_adam"] = (t["jump"][0] / ref if ref and t["jump"][0] is not None
+                         and math.isfinite(t["jump"][0]) and ref > 0 else None)
+  return sorted(table, key=lambda t: (KINDS.index(t["kind"]), t["arm"]))
+
+
+def _pm(x: tuple[float | None, float | None]) -> str:
+  mean, sd = x
+  if mean is None:
+    return "—"
+  if not math.isfinite(mean):
+    return "div."
+  return f"{mean:+.3f} ± {sd:.3f}"
+
+
+def markdown(table: Sequence[dict[str, Any]], cfg) -> str:
+  start, steps = cfg.train.burst_window
+  last = study.BURST_EVAL_OFFSETS[-1]
+  lines = [
+      f"Burst: steps {start}–{start + steps - 1} of {cfg.train.steps} "
+      f"(LR ×{cfg.train.burst_lr_factor:g} for the `lr` kind). Clean val loss; "
+      f"*jump*, *+{EARLY_OFFSET}*, *+{last}* and *final* are paired differences to the same "
+      "arm and seed without the burst (mean ± sd over seeds); *vs Adam* is the "
+      f"jump over Adam's; *recovery* the median steps until the excess is ≤ "
+      f"{RECOVERY_TOL} nats (*>{last}* when not within the measured window).", "",
+      "| kind | arm | seeds | before | right after | jump | vs Adam "
+      f"| +{EARLY_OFFSET} "
+      f"| +{last} | recovery (steps) | final |",
+      "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for t in table:
+    rec = t["recovery_median"]
+    rec_text = f">{last}" if not math.isfinite(rec) else f"{rec:g}"
+    vs = t["jump_vs_adam"]
+    lines.append(
+        f"| {t['kind']} | {t['arm']} | {t['seeds']} | {_n(t['before'])} "
+        f"| {_n(t['after'])} | {_pm(t['jump'])} "
+        f"| {'—' if vs is None else f'{vs:.1%}'} | {_pm(t['excess_early'])} "
+        f"| {_pm(t['excess_last'])} | {rec_text} | {_pm(t['final_excess'])} |")
+  return "\n".join(lines) + "\n"
+
+
+def _n(x: float | None) -> str:
+  return "—" if x is None else ("div." if not math.isfinite(x) else f"{x:.4f}")
+
+
+def figure(out_dir: pathlib.Path, cfg, rows: Sequence[dict[str, Any]]
+           ) -> pathlib.Path | None:
+  """Per kind, the excess val loss over the no-burst run vs step (mean over
+  seeds), one line per arm."""
+  start, steps = cfg.train.burst_window
+  refs = {(r["arm"], r["seed"]): _evals(r) for r in rows
+          if r.get("burst", "none") == "none"}
+  kinds = [k for k in KINDS if any(r.get("burst") == k for r in rows)]
+  if not kinds:
+    return None
+  plt = plots._pyplot()
+  arms = sorted({r["arm"] for r in rows})
+  colors = {a: plt.cm.tab20(i % 20) for i, a in enumerate(arms)}
+  fig, axes = plt.subplots(1, len(kinds), figsize=(3.4 * len(kinds), 3.6),
+                           sharey=True, squeeze=False)
+  for ax, kind in zip(axes[0], kinds):
+    for arm in arms:
+      curves: dict[int, list[float]] = {}
+      for r in rows:
+        if r["arm"] != arm or r.get("burst") != kind or (arm, r["seed"]) not in refs:
+          continue
+        ref = refs[(arm, r["seed"])]
+        for step, val in _evals(r).items():
+          if step >= start - 1 and step in ref:
+            curves.setdefault(step, []).append(val - ref[step])
+      if curves:
+        xs = sorted(curves)
+        ys = [float(np.mean(curves[x])) for x in xs]
+        ax.plot(xs, ys, marker="o", ms=2.5, lw=1, label=arm, color=colors[arm],
+                ls="--" if not arm.startswith(("ebc", "fisher", "rel")) else "-")
+    ax.axvspan(start, start + steps - 1, color="0.85", lw=0)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_yscale("symlog", linthresh=0.01)
+    ax.set_title(kind)
+    ax.set_xlabel("step")
+  axes[0][0].set_ylabel("val loss − same run without burst (nats)")
+  axes[0][-1].legend(fontsize=6)
+  fig.tight_layout()
+  path = out_dir / "spikes.png"
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def spike_report(out_dir: pathlib.Path, cfg, rows: Sequence[dict[str, Any]]
+                 ) -> dict[str, Any]:
+  table = spike_table(cfg, rows)
+  (out_dir / "spikes.md").write_text("# Spike suite\n\n" + markdown(table, cfg))
+  (out_dir / "spikes.json").write_text(json.dumps(table, indent=2) + "\n")
+  sweeps.write_tables(rows, out_dir, stem="spikes", results_stem="spike_runs")
+  path = figure(out_dir, cfg, rows)
+  return {"rows": list(rows), "table": table,
+          "figure": None if path is None else str(path)}

@@ -1,0 +1,111 @@
+"""``telemetry``: values derived from the state (asserted, not just keys);
+absent pieces absent; not-yet-measured quantities NaN."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import ebc_optax
+from conftest import next_token_loss, tiny_logits_fn
+
+
+ALWAYS = {"c", "S", "tau", "delta", "guard_factor", "update_norm", "beta",
+          "contribution", "step", "clipped_steps"}
+PROBE = {"applied_kl", "applied_change", "rho", "probe_count"}
+
+
+def test_before_the_first_step_nothing_reads_as_measured(tiny):
+  _, params, _, _ = tiny
+  stats = ebc_optax.telemetry(ebc_optax.ellipsotope_budget_clip(
+      tiny_logits_fn).init(params))
+  for key in ("c", "S", "tau", "delta", "guard_factor", "update_norm",
+              "applied_kl", "applied_change", "rho"):
+    assert np.isnan(float(stats[key])), key
+  assert np.isnan(np.asarray(stats["beta"])).all()
+  assert int(stats["step"]) == 0 and int(stats["probe_count"]) == 0
+
+
+@pytest.mark.parametrize("build,keys", [
+    (lambda: ebc_optax.budget_clip(ebc_optax.sensitivity_estimator(
+        tiny_logits_fn)), ALWAYS),
+    (lambda: ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, guard=False),
+     ALWAYS | PROBE | {"nonfinite_skips"}),
+    (lambda: ebc_optax.ellipsotope_budget_clip(tiny_logits_fn),
+     ALWAYS | PROBE | {"guard_trips", "nonfinite_skips"}),
+    (lambda: ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, aggregate="exact"),
+     ALWAYS | PROBE | {"guard_trips", "nonfinite_skips", "S_lin", "calibration"}),
+    (lambda: ebc_optax.ellipsotope_budget_clip(
+        tiny_logits_fn, controller="trust_region",
+        loss_fn=lambda z, b: jnp.mean(z ** 2)),
+     ALWAYS | PROBE | {"guard_trips", "nonfinite_skips", "rho_tr", "loss_change",
+                       "predicted_loss_change", "tr_accepted", "tr_shrunk",
+                       "tr_grown"}),
+    (lambda: ebc_optax.wrap(optax.adam(1e-3), tiny_logits_fn),
+     ALWAYS | PROBE | {"guard_trips", "nonfinite_skips", "notfinite_count",
+                       "total_notfinite"}),
+])
+def test_pieces_absent_from_the_composition_are_absent(tiny, build, keys):
+  _, params, _, _ = tiny
+  assert set(ebc_optax.telemetry(build().init(params))) == keys
+
+
+def test_values_follow_the_state_over_a_run(tiny):
+  """Every number against its definition, step by step, through wrap."""
+  _, params, batch, _ = tiny
+  tx = ebc_optax.wrap(optax.adam(0.1), tiny_logits_fn, target_kl=0.003,
+                      probe_every=3, update_every=2, probe_batch_size=None,
+                      controller=None)
+  state = tx.init(params)
+  clipped = 0
+  for t in range(7):
+    grads = jax.grad(next_token_loss)(params, batch)
+    updates, state = tx.update(grads, state, params, batch=batch)
+    stats = {k: np.asarray(v) for k, v in ebc_optax.telemetry(state).items()}
+    assert int(stats["step"]) == t + 1
+    assert int(stats["probe_count"]) == len(range(0, t + 1, 3))
+    np.testing.assert_allclose(stats["delta"], 0.003, rtol=1e-6)
+    np.testing.assert_allclose(
+        stats["tau"], np.sqrt(4 * stats["delta"]) * stats["guard_factor"], rtol=1e-6)
+    np.testing.assert_allclose(stats["c"], min(1.0, stats["tau"] / stats["S"]),
+                               rtol=1e-6)
+    np.testing.assert_allclose(stats["S"], np.sum(stats["contribution"]), rtol=1e-5)
+    np.testing.assert_allclose(
+        stats["contribution"], 1.05 * stats["beta"] * np.asarray(
+            [np.linalg.norm(np.concatenate([np.ravel(x) for x in
+                                            jax.tree.leaves(updates["blocks"][i])]))
+             / stats["c"] for i in range(2)]), rtol=1e-4)
+    clipped += int(stats["c"] < 1)
+    assert int(stats["clipped_steps"]) == clipped
+    if t % 3 == 0:  # a probe ran on this step: the applied KL of this step
+      z = tiny_logits_fn(params, batch)
+      z_new = tiny_logits_fn(optax.apply_updates(params, updates), batch)
+      np.testing.assert_allclose(stats["applied_kl"],
+                                 ebc_optax.per_token_kl(z, z_new), rtol=1e-4)
+      change = float(ebc_optax.per_token_change_norm(z_new - z, z))
+      np.testing.assert_allclose(stats["applied_change"], change, rtol=1e-4)
+      np.testing.assert_allclose(stats["rho"], change / (stats["c"] * stats["S"]),
+                                 rtol=1e-4)
+    params = optax.apply_updates(params, updates)
+  assert clipped > 0
+
+
+def test_unmeasured_layers_read_nan():
+  """A layer that has only ever had a zero update keeps β NaN (not 0)."""
+  params = {"blocks": [{"w": jnp.eye(3)}, {"w": jnp.eye(3)}],
+            "lm_head": jnp.arange(12.0).reshape(3, 4) / 10}
+
+  def logits_fn(p, x):
+    h = x
+    for b in p["blocks"]:
+      h = jnp.tanh(h @ b["w"])
+    return h @ p["lm_head"]
+
+  tx = ebc_optax.ellipsotope_budget_clip(logits_fn, probe_every=0)
+  updates = jax.tree.map(jnp.zeros_like, params)
+  updates["blocks"][0]["w"] = 0.1 * jnp.ones((3, 3))
+  _, state = tx.update(updates, tx.init(params), params,
+                       batch=jnp.ones((2, 3)))
+  beta = np.asarray(ebc_optax.telemetry(state)["beta"])
+  assert np.isfinite(beta[0]) and beta[0] > 0 and np.isnan(beta[1])

@@ -60,13 +60,14 @@ WINDOW = 200  # full_sweep_every: one window holds every kind of step once
 
 
 class Problem:
-  def __init__(self, blocks: int, scanned: bool, width: int = D):
+  def __init__(self, blocks: int, scanned: bool, width: int = D,
+               batch: int = BATCH, seq: int = SEQ, heads: int = HEADS):
     self.scanned = scanned
     self.fns = model_lib.functional(model_lib.GPT(
-        VOCAB, num_blocks=blocks, d_embed=width, num_heads=HEADS, seq_len=SEQ,
+        VOCAB, num_blocks=blocks, d_embed=width, num_heads=heads, seq_len=seq,
         scan_layers=scanned, rngs=nnx.Rngs(0)))
     self.params = self.fns.params
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (BATCH, SEQ + 1), 0, VOCAB)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (batch, seq + 1), 0, VOCAB)
     self.inputs, self.targets = tokens[:, :-1], tokens[:, 1:]
     self.stacked = ("blocks",) if scanned else None
 
@@ -150,6 +151,57 @@ def arms_table(depth: int, scanned: bool, rounds: int, timed: bool,
   return rows
 
 
+def at_step(state, step: int):
+  """``state`` with EBC's step counter set to ``step`` (selects the cadence
+  branch the next update takes: plain, round-robin + probe, or sweep)."""
+  return jax.tree.map(
+      lambda x: x._replace(ebc_step=jnp.asarray(step, jnp.int32))
+      if isinstance(x, ebc_optax.BudgetClipState) else x,
+      state, is_leaf=lambda x: isinstance(x, ebc_optax.BudgetClipState))
+
+
+# Steps of one cadence window (full_sweep_every = 200, update_every =
+# probe_every = 20): 190 plain steps, 9 with a round-robin refresh and a
+# probe, 1 with the full sweep and a probe. Counter values that select each.
+KIND_STEPS = {"plain": 201, "refresh+probe": 220, "sweep+probe": 400}
+KIND_COUNTS = {"plain": 190, "refresh+probe": 9, "sweep+probe": 1}
+
+
+def step_kinds_table(depth: int, scanned: bool, width: int, batch: int,
+                     seq: int, rounds: int, reps: int) -> list[str]:
+  """Each kind of step of the default cadence timed on its own, interleaved
+  with Adam's step, and the window's mean from the kinds' medians."""
+  problem = Problem(depth, scanned, width, batch, seq, heads=4)
+  arms = {"adam": build(problem, None), "default": build(problem, {})}
+  times: dict[tuple[str, str], list[float]] = {}
+  for _ in range(rounds + 1):  # the first round warms up and is dropped
+    for name, arm in arms.items():
+      for kind, k in (KIND_STEPS.items() if name != "adam" else [("step", 0)]):
+        params, state = arm["carry"]
+        out = []
+        for _ in range(reps):
+          t0 = time.perf_counter()
+          params, state = jax.block_until_ready(
+              arm["step"](params, at_step(state, k) if k else state))
+          out.append(time.perf_counter() - t0)
+        arm["carry"] = (params, state)
+        times.setdefault((name, kind), []).append(statistics.median(out))
+  for key in times:
+    times[key] = times[key][1:]
+  adam = statistics.median(times[("adam", "step")])
+  kinds = {kind: statistics.median(times[("default", kind)]) / adam
+           for kind in KIND_STEPS}
+  window = sum(KIND_COUNTS[k] * kinds[k] for k in kinds) / sum(KIND_COUNTS.values())
+  # Per-round amortised ratios, for their spread.
+  per_round = [sum(KIND_COUNTS[k] * times[("default", k)][r] for k in KIND_STEPS)
+               / sum(KIND_COUNTS.values()) / times[("adam", "step")][r]
+               for r in range(rounds)]
+  q = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
+  return [f"{depth},{width},{batch}x{seq},{'scanned' if scanned else 'unrolled'},"
+          f"{1e3 * adam:.1f},{kinds['plain']:.3f},{kinds['refresh+probe']:.3f},"
+          f"{kinds['sweep+probe']:.3f},{window:.3f},{q[0]:.3f},{q[-1]:.3f}"]
+
+
 def timed(fn, *args, repeats=5):
   jax.block_until_ready(fn(*args))
   t0 = time.perf_counter()
@@ -224,6 +276,13 @@ def main():
   parser.add_argument("--layouts", nargs="*", default=["unrolled", "scanned"])
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--refresh-depths", type=int, nargs="*", default=[8, 32])
+  parser.add_argument("--kinds-depths", type=int, nargs="*", default=[],
+                      help="depths whose default-cadence step kinds are timed at "
+                           "--kinds-batch x --kinds-seq tokens (default none)")
+  parser.add_argument("--kinds-batch", type=int, default=16)
+  parser.add_argument("--kinds-seq", type=int, default=128,
+                      help="with --kinds-batch: the CPU config's 2,048 tokens per step")
+  parser.add_argument("--kinds-reps", type=int, default=5)
   args = parser.parse_args()
   print(f"# machine: {platform.machine()} {platform.processor() or ''}, "
         f"{jax.device_count()} x {jax.devices()[0].platform}, jax {jax.__version__}; "
@@ -240,6 +299,19 @@ def main():
       for row in arms_table(depth, layout == "scanned", args.rounds, timed_row,
                             width):
         print(row, flush=True)
+  if args.kinds_depths:
+    print(f"# default cadence by step kind, over adam's step: median of "
+          f"{args.kinds_reps} steps per kind and round, {args.rounds} rounds")
+    print("blocks,d_embed,tokens,layout,adam_step_ms,plain,refresh+probe,"
+          "sweep+probe,window_mean,p25,p75")
+    for depth in args.kinds_depths:
+      for layout in args.layouts:
+        if layout == "unrolled" and depth > args.unrolled_max:
+          continue
+        for row in step_kinds_table(depth, layout == "scanned", args.time_width,
+                                    args.kinds_batch, args.kinds_seq,
+                                    args.rounds, args.kinds_reps):
+          print(row, flush=True)
   if args.refresh_depths:
     print("# beta refresh on B/4 rows, over one full-batch forward (unrolled)")
     print("blocks,per_layer_jvp,masked_jvp,linearize_1,linearize_2,sweep")

@@ -64,6 +64,11 @@ MODES = {
         "aggregate": "exact", "kl": "fisher", "exact_every": 4,
         "probe_batch_size": 0.125, "controller": "trust_region"},
     "beta + probe every step, B/4": {"update_every": 1, "probe_every": 1},
+    "relative radius (l1, bound)": {"controller": "relative"},
+    "relative radius, exact fisher every 4th step, B/8": {
+        "controller": "relative", "aggregate": "exact", "kl": "fisher",
+        "exact_every": 4, "probe_batch_size": 0.125},
+    "seeds' recipe": dict(ebc_optax.SEEDS_RECIPE),
 }
 DEPTH_MODES = ("default (l1, bound, probes on B/4)",
                "exact, fisher, every step, B/8",
@@ -108,8 +113,9 @@ class Problem:
     adam = optax.adam(2e-3)
     if mode is None:
       return adam
+    mode = {"target_kl": TARGET_KL, **mode}
     return optax.chain(adam, ebc_optax.ellipsotope_budget_clip(
-        self.apply_fn, TARGET_KL, loss_fn=optim_lib.next_token_loss, **mode))
+        self.apply_fn, loss_fn=optim_lib.next_token_loss, **mode))
 
   def step_fn(self, tx):
     def step(params, state):  # one jitted call per step, as a trainer does
@@ -196,7 +202,11 @@ def probe_costs(problem: Problem, rounds: int) -> list[tuple[str, float, float]]
 
 def modes_and_probes(cfg: dict, blocks: int, args: argparse.Namespace) -> None:
   problem = Problem(cfg, blocks, args.vocab)
-  arms = {"adam": None, **MODES}
+  chosen = args.modes or list(MODES)
+  unknown = sorted(set(chosen) - set(MODES))
+  if unknown:
+    raise SystemExit(f"unknown --modes {unknown}; modes: {list(MODES)}")
+  arms = {"adam": None, **{name: MODES[name] for name in chosen}}
   res = ratios(measure_arms(problem, arms, args.rounds, args.block_steps))
   num_layers = len(_layers.budget_layers(problem.params))
   m = cfg["model"]
@@ -248,6 +258,8 @@ def main():
   parser.add_argument("--depth-rounds", type=int, default=3)
   parser.add_argument("--depth-only", action="store_true",
                       help="skip the per-mode table and the β-probe costs")
+  parser.add_argument("--modes", nargs="*", default=None,
+                      help="time only these modes (names as printed; default all)")
   args = parser.parse_args()
   cfg = json.loads(pathlib.Path(args.config).read_text())
   blocks = cfg["model"]["num_blocks"]

@@ -35,6 +35,7 @@ from ebc_optax._logits import trust_radius
 from ebc_optax._probe import kl_probe
 from ebc_optax._probe import KLProbeState
 from ebc_optax._probe import measure_applied_change
+from ebc_optax._recipes import SEEDS_RECIPE
 from ebc_optax._relative import relative_radius
 from ebc_optax._relative import RelativeRadiusState
 from ebc_optax._safety import NonFiniteSkipState
@@ -55,6 +56,7 @@ from ebc_optax._wrap import WrapState
 __version__ = "0.1.0"
 
 __all__ = (
+    "SEEDS_RECIPE",
     "BudgetClipState",
     "EBCConfig",
     "EnergyBudgetClipState",

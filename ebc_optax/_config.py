@@ -29,7 +29,7 @@ class EBCConfig:
   gains and clamp (see :func:`~ebc_optax.pi_controller`), the ``tr_*`` fields
   the trust-region controller's thresholds, factors and clamp (see
   :func:`~ebc_optax.trust_region_radius`), the ``rel_*`` fields the relative
-  radius's multiple and median rate (see :func:`~ebc_optax.relative_radius`).
+  radius's multiple and median window (see :func:`~ebc_optax.relative_radius`).
   """
   enable: bool = True
   target_kl: float = 0.05
@@ -62,7 +62,7 @@ class EBCConfig:
   tr_delta_min: float = 1e-4
   tr_delta_max: float = 1.0
   rel_multiple: float = 4.0
-  rel_rate: float = 0.02
+  rel_window: int = 32
   stacked: tuple[str, ...] | None = None
   eps: float = 1e-12
 
@@ -150,7 +150,7 @@ def transform_kwargs(
         delta_min=cfg.tr_delta_min, delta_max=cfg.tr_delta_max)
   elif cfg.controller == "relative":
     controller = _relative.relative_radius(multiple=cfg.rel_multiple,
-                                           rate=cfg.rel_rate)
+                                           window=cfg.rel_window)
   return dict(
       target_kl=cfg.target_kl,
       update_every=cfg.update_every, probe_layers=cfg.probe_layers,

@@ -240,7 +240,7 @@ def test_spike_suite_measures_jumps_resumes_and_runs_in_parallel(tmp_path,
     assert t["jump"][0] == pytest.approx(got[6] - ref[6])
     assert t["before"] == pytest.approx(got[4])
     assert ref[4] == pytest.approx(got[4])  # nothing differs before the burst
-  assert table[("adam", "repeat")]["jump_vs_adam"] == pytest.approx(1.0)
+  assert table[("adam", "repeat")]["peak_vs_adam"] == pytest.approx(1.0)
   text = (out / "spikes.md").read_text()
   assert "| repeat | adam |" in text and "vs Adam" in text
   assert (out / "spikes.png").stat().st_size > 0

@@ -1,32 +1,37 @@
-"""The study: which EBC trains best across learning rates (``ebc-optax study``).
+"""The study: does EBC train better than what a user would pick instead?
+(``ebc-optax study``; its spike suite is :mod:`~ebc_optax.experiments.spikes`).
 
 Protocol (all runs with fixed seeds, resumable: a run whose ``summary.json``
-exists is read back, not rerun, so the study can be finished in sittings):
+exists is read back, not rerun, so the study can be finished in sittings; runs
+are ordered seed by seed, so a partial study covers every cell):
 
-1. **tune** — plain Adam, no clipping, at ``TUNE_LRS`` (×0.5 … ×2 of 2e-3),
-   seed 0; the best final val loss defines LR ×1.
-2. **arms** — at LR ×1, ×2, ×4, ×8, seeds 0 and 1, every arm of
-   :func:`base_arms`: no clipping, global-norm clipping, EBC as the seeds
-   first had it (fixed δ, L1 bound), EBC with the seeds' fix (PI controller +
-   guard, L1), the exact Fisher clip at fixed ``δ ∈ {0.003, 0.01, 0.03}``, the
-   exact Fisher clip with the trust-region radius started from
-   ``δ ∈ {0.001, 0.01, 0.1}`` (with ``‖J ΔW‖`` every step, and every 4th step
-   on an eighth of the batch), and the energy-budget clip at ×1 and ×3 (with
-   no clipping and global clipping at ×3 too, for comparison).
-3. **fisher_pi** — the exact Fisher clip with the PI controller at the best
-   fixed δ of stage 2.
-4. **knobs** — how much the single-knob arms depend on their knob: the seeds'
-   EBC arms at ``δ ∈ {0.005, 0.5}`` and global clipping at norm ``{0.1, 10}``,
-   at ×1 and ×4, seed 0 (the Fisher arms sweep δ in stage 2 already).
-5. **report** — ``study.md`` (tables), ``study.csv`` (one row per run),
-   ``study.json``, and figures: final val loss vs LR scale per arm, loss curves
-   at ×2 and ×4, δ trajectories of the trust-region arm.
+1. **tune** — Adam and schedule-free AdamW, no clipping, seed 0, at
+   ``TUNE_LRS`` (×0.5 … ×2 of 2e-3), the grid extended by √2 steps past an
+   edge that holds the best LR; the best final val loss is each base's LR ×1.
+   Prodigy is LR-free: its LR ×1 is its own default, 1.
+2. **arms** (:func:`peer_arms`) — at LR ×1, ×2, ×4, ×8 of each arm's base,
+   3 seeds at ×1 and ×8 (the cells that decide), 2 at ×2 and ×4: Adam,
+   global-norm clipping before Adam, Prodigy, schedule-free AdamW; EBC at
+   the seeds' recipe around each base and the exact Fisher clip (δ = 0.01)
+   around Adam and Prodigy; and the knob-free candidates
+   (:func:`candidate_arms`: the relative radius, around every base).
+3. **report** — ``study.md``: the tuning, per arm and LR the val loss with
+   the paired difference to Adam ×1 (same seed), telemetry, bar (a) — no
+   worse than tuned Adam at ×1 and within 1% of it at every LR (of its own
+   ×1 on an LR-free base) — and the noise floor; ``study.csv`` (one row per
+   run), ``study.json``; figures: final val loss vs LR scale per arm, loss
+   curves at ×2 and ×4.
+
+``legacy=True`` adds the first study's arms (Adam only: the seeds' fixed δ,
+the exact Fisher clip at three δ, the trust-region radius from three starts,
+the energy clip) and their knob sweeps, with their tables.
 
 Sizes (``STUDY_BASE``): a 2-block, d 64 char GPT on Shakespeare, batch 16 ×
-seq 64, 1500 steps (~45 s per run on 2 CPU cores; the final val loss is on 64
-fixed batches, 65k characters of the validation split): the ~145 runs fit in
-about 100 minutes. The CPU config (3 blocks, d 128, batch 16 × 128) takes ~6.5
-minutes per 2000-step run, i.e. ~12 hours for the study.
+seq 64, 1500 steps (~40 s per run on one CPU core; the final val loss is on
+64 fixed batches, 65k characters of the validation split), evaluated also
+around the spike suite's burst window (:data:`EVAL_STEPS`) so that every
+run without a burst is a reference for the suite. The CPU config (3 blocks,
+d 128, batch 16 × 128) takes ~6.5 minutes per 2000-step run.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import optax
 from ebc_optax import _controller
 from ebc_optax import _layers
 from ebc_optax import _logits
+from ebc_optax import _recipes
 from ebc_optax import _relative
 from ebc_optax import _transform
 from ebc_optax import _trust_region
@@ -76,6 +77,12 @@ class EBCConfig:
           f"Unknown EBC config key(s) {unknown}; accepted keys: "
           f"{sorted(names)}.")
     return cls(**{names[k]: v for k, v in config.items()})
+
+  @classmethod
+  def seeds(cls) -> "EBCConfig":
+    """The seed documents' recipe (:data:`~ebc_optax.SEEDS_RECIPE`) as a
+    config; the seeds' runners of the harness start from it."""
+    return dataclasses.replace(cls(), **_recipes.SEEDS_RECIPE)
 
   def to_mapping(self) -> dict[str, Any]:
     return {f"ebc_{k}": v for k, v in dataclasses.asdict(self).items()}

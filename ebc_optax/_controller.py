@@ -4,7 +4,8 @@ A controller is a pair of pure functions (:class:`KLController`):
 
 * ``init(target_kl) -> (state, δ0)``;
 * ``update(state, measurement, δ, target_kl) -> (state, δ_new)``, called on
-  every probe step with a :class:`ProbeMeasurement`.
+  every probe step with a :class:`ProbeMeasurement` (on every step for a
+  controller with ``every_step``).
 
 The δ lives in :class:`~ebc_optax.KLProbeState` (``next_kl_target``), which
 passes it down to the clip at every step; the controller only proposes the
@@ -58,7 +59,9 @@ class KLController(NamedTuple):
   ``needs_loss``: the probe must measure the loss change and its prediction
   (then the transform needs ``loss_fn``). ``every_step``: ``update`` runs on
   every step, not only on probe steps; its measurement then carries the
-  step's ``clip_scale`` and ``surrogate`` and the latest probe's numbers.
+  step's ``clip_scale`` and ``surrogate`` and the latest probe's
+  ``applied_kl``, ``applied_change`` and ``guard_ratio`` (NaN before the
+  first probe's defined ratio).
   """
   init: Callable[[jax.Array], tuple[Any, jax.Array]]
   update: Callable[[Any, ProbeMeasurement, jax.Array, jax.Array],

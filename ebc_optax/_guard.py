@@ -8,7 +8,8 @@ then multiplied by ``1/ρ``. The factor is recomputed from each probe's ``ρ`` �
 ``τ`` above the controller's ``sqrt(4δ)`` and relaxes only when a later probe
 shows the surrogate no longer under-estimates. When the surrogate promised
 no change (``c·S <= ε``: only leaves outside the budget moved, or nothing
-did) there is no ratio: ``ρ`` is NaN and the guard leaves ``τ`` alone.
+did) there is no ratio: ``ρ`` is NaN and :func:`kl_probe` keeps the factor
+it had (:func:`guard_factor` of NaN is 1, for a caller without one).
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 :func:`kl_probe` wraps a :func:`budget_clip`. Every ``probe_every`` steps it
 shadow-applies the clipped update on the probe batch (``W + cΔW`` is built as
 a temporary; the parameters are not mutated), measures the applied per-token
-KL and the centered applied logit change ``T``, runs the guard and the
-controller, and writes the new ``δ`` and radius factor into the wrapped
-state's slots — used from the next step on.
+KL and the centered applied logit change ``T``, and runs the guard and the
+controller. It owns ``δ`` and the guard's radius factor — kept in its own
+:class:`KLProbeState` — and passes them down to the wrapped clip's ``update``
+at every step, as ``optax.inject_hyperparams`` passes hyperparameters.
 """
 
 from __future__ import annotations
@@ -210,8 +211,9 @@ def kl_probe(
   its latest proposal. On probe steps (``step % probe_every == 0``, under
   ``lax.cond``) it measures ``KL`` and ``T`` of the clipped update, computes
   ``ρ = T / (c·S)`` (undefined, NaN, when ``c·S <= eps``: the surrogate
-  promised no change), sets the next ``g = min(1, 1/ρ)`` when ``guard`` (1
-  when ``ρ`` is undefined) and lets ``controller`` propose the next ``δ``.
+  promised no change), sets the next ``g = min(1, 1/ρ)`` when ``guard`` (kept
+  as it was when ``ρ`` is undefined) and lets ``controller`` propose the next
+  ``δ``.
 
   Args:
     inner: a :func:`budget_clip` transformation built on ``estimator``.
@@ -289,8 +291,9 @@ def kl_probe(
             logits_fn, params, applied, rows, **measure)
         loss_change = predicted = jnp.zeros([], jnp.float32)
       ratio = _guard.guard_ratio(change, scale, surrogate, eps)
-      if guard:
-        guard_state, factor = _guard.guard_update(guard_state, ratio)
+      if guard:  # an undefined ρ (NaN: nothing promised) leaves g as it is
+        guard_state, shrink = _guard.guard_update(guard_state, ratio)
+        factor = jnp.where(jnp.isnan(ratio), factor, shrink)
       new_delta = delta
       if controller is not None and not controller.every_step:
         measurement = _controller.ProbeMeasurement(
@@ -314,11 +317,13 @@ def kl_probe(
                                         ran) = jax.lax.cond(
         _is_probe_step(step, probe_every), probe, skip, operand)
     if controller is not None and controller.every_step:
+      # This step's c and S; the latest probe's KL, T and ρ.
+      last_ratio = jnp.where(promised > 0,
+                             change / jnp.where(promised > 0, promised, 1.0),
+                             jnp.nan).astype(jnp.float32)
       measurement = _controller.ProbeMeasurement(
           applied_kl=applied_kl, applied_change=change, clip_scale=scale,
-          surrogate=surrogate,
-          guard_ratio=_guard.guard_ratio(change, scale, surrogate, eps),
-          interval=1)
+          surrogate=surrogate, guard_ratio=last_ratio, interval=1)
       ctrl_state, new_delta = controller.update(ctrl_state, measurement, delta,
                                                 target)
     return new_updates, KLProbeState(

@@ -3,8 +3,8 @@ are cut.
 
 A fixed δ is a knob: the right one moves with the model, the data, the
 learning rate and the phase of training. :func:`relative_radius` needs none.
-It keeps the predicted KL of the last ``window`` *unclipped* steps,
-``K_t = S_t²/4`` (nats/token in the estimator's metric; with
+It keeps the predicted KL *before clipping* of each of the last ``window``
+steps, ``K_t = S_t²/4`` (nats/token in the estimator's metric; with
 ``kl="fisher", aggregate="exact"`` the step's quadratic KL itself), and sets
 
     δ_{t+1} = multiple · median(K_{t-window+1}, …, K_t)
@@ -19,8 +19,7 @@ step size — Prodigy's step growing by orders of magnitude while it estimates
 its learning rate, a warm-up, a decay — is followed with a lag of half a
 window. With ``window = 32`` and ``multiple = 4`` a step may grow by up to 9%
 in KL (4.4% in size) per step for ever without being clipped, and a burst of
-up to 15 steps is cut. The first ``window`` steps only fill the window (not
-clipped).
+up to 15 steps (fewer than half the window) is cut. The first ``window`` steps only fill the window (not clipped).
 
 It is a guard against outliers, not a step-size rule: an LR that is too large
 from the start makes every step large, the median with them, and nothing is

@@ -11,7 +11,8 @@ the batch's rows estimates them. The rule, in full:
   entries by coincidence (a ``[T, T]`` mask with ``T == R``) cannot be told
   from a row leaf by its shape: pass ``probe_batch_fn`` for such batches.
 * **Which rows.** Every ``s``-th row from the first: ``x[::s]``, with the
-  stride ``s = round(1/f)`` for a fraction ``f`` (0.25 -> every 4th row) and
+  stride ``s = round(1/f)`` for a fraction ``f`` (0.25 -> every 4th row; so
+  0.4 takes every 2nd row and any ``f > 2/3`` every row) and
   ``s = R // n`` for a count ``n`` (then the first ``n`` of them). A strided
   subset takes rows from every part of the batch, so it is the same subset on
   one device, under sharded ``jax.jit`` (where ``x[::s]`` is taken from the

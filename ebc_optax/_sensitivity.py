@@ -243,6 +243,8 @@ class LogitMetric(NamedTuple):
 
   The β refresh, ``‖J ΔW‖``, and the applied-change probe of
   :func:`~ebc_optax.kl_probe` all measure with it, so they cannot disagree.
+  It describes the estimator it belongs to (read-only): build another
+  estimator to measure differently.
 
   Attributes:
     kl: ``"bound"`` (centered Euclidean) or ``"fisher"`` (softmax Fisher norm).

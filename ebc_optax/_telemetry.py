@@ -10,8 +10,9 @@ measurement:
 * a quantity not measured yet is **NaN**: the per-step numbers before the
   first update, the probe's before the first probe, ``β`` of a layer never
   measured (its ``contribution`` is what entered ``S``: 0 for a zero
-  update; NaN only while the β estimator has never run), ``ρ`` when the
-  surrogate promised no change (``c·S = 0``: no denominator).
+  update; NaN while no layer has been measured yet, which with
+  ``aggregate="exact"`` every step is always), ``ρ`` when the surrogate
+  promised no change (``c·S = 0``: no denominator).
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ def telemetry(state: Any) -> dict[str, jax.Array]:
       "guard_factor": _when(stepped, clip.radius_factor),
       "update_norm": _when(stepped, clip.update_norm),
       "beta": _when(measured, clip.sensitivity.layer_beta),
-      # What entered S (0 for a layer whose update was zero); NaN when the β
-      # estimator has never run (aggregate="exact" every step).
+      # What entered S (0 for a layer whose update was zero); NaN while no
+      # layer has been measured (always with aggregate="exact" every step).
       "contribution": _when(jnp.logical_and(stepped, jnp.any(measured, -1)),
                             clip.layer_contribution),
       "step": clip.ebc_step,

@@ -126,7 +126,8 @@ def ellipsotope_budget_clip(
       ``"trust_region"`` (:func:`trust_region_radius`: δ adapted by the ratio
       of actual to predicted loss decrease; needs ``loss_fn``),
       ``"relative"`` (:func:`relative_radius`: δ a multiple of the running
-      median of the unclipped steps' predicted KL; ``target_kl`` unused), a
+      median predicted KL, before clipping, of the last steps; ``target_kl``
+      unused), a
       :class:`KLController`, or None (fixed ``δ``).
     guard: shrink-only guard on the applied change.
     probe_every: steps between applied-KL probes (>= 0; 0 disables them, and

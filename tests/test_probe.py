@@ -113,3 +113,22 @@ def test_guard_is_left_alone_when_the_surrogate_promises_nothing(tiny):
   stats = ebc_optax.telemetry(state)
   assert float(stats["tau"]) == pytest.approx(np.sqrt(4 * 0.01), rel=1e-6)
   assert np.isfinite(float(stats["rho"]))
+
+
+def test_an_undefined_ratio_keeps_the_guard_factor(tiny):
+  """After a shrink, a probe with nothing promised (c·S = 0) is no evidence
+  that the surrogate stopped under-estimating: g stays where it was."""
+  _, params, batch, _ = tiny
+  tx = ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, 0.01, probe_every=1,
+                                         safety=0.2, beta_ema=0.0,
+                                         controller=None, probe_batch_size=None)
+  state = tx.init(params)
+  _, state = tx.update(random_like(jax.random.PRNGKey(6), params, 0.2), state,
+                       params, batch=batch)
+  shrunk = float(optax.tree.get(state, "next_radius_factor"))
+  assert shrunk < 1.0  # safety 0.2: S under-estimates T, the guard trips
+  embed_only = jax.tree.map(jnp.zeros_like, params)
+  embed_only["embed"] = 0.1 * jnp.ones_like(params["embed"])
+  _, state = tx.update(embed_only, state, params, batch=batch)
+  assert np.isnan(float(ebc_optax.telemetry(state)["rho"]))
+  assert float(optax.tree.get(state, "next_radius_factor")) == shrunk

@@ -20,11 +20,11 @@ def _csv(cast):
   return lambda text: [cast(t) for t in text.split(",") if t.strip()]
 
 
-def _base_config(args) -> config_lib.Config:
+def _base_config(args, base: config_lib.Config | None = None) -> config_lib.Config:
   sets = list(args.set or [])
   if getattr(args, "data_path", None):
     sets += ["data.dataset=\"text\"", f"data.path={_json_str(args.data_path)}"]
-  return config_lib.load(args.config, sets)
+  return config_lib.load(args.config, sets, base)
 
 
 def _json_str(s: str) -> str:
@@ -71,7 +71,7 @@ def cmd_shakespeare(args) -> int:
     if getattr(args, flag) is not None:
       sets.append(f"{key}={getattr(args, flag)}")
   args.set = sets
-  base = _base_config(args)
+  base = _base_config(args, config_lib.seeds_config())  # the seeds' runner
   out = pathlib.Path(args.out or DEFAULT_OUT / "ebc_ablation" / _timestamp())
   sweeps.shakespeare_ablation(
       base, out, optimizers=args.optimizers, spectral=args.spectral, ebc=args.ebc,
@@ -85,7 +85,7 @@ def cmd_shakespeare(args) -> int:
 
 def cmd_autopilot(args) -> int:
   from ebc_optax.experiments import autopilot
-  base = _base_config(args)
+  base = _base_config(args, config_lib.seeds_config())  # the seeds' protocol
   out = pathlib.Path(args.out or DEFAULT_OUT / "ebc_ablation" / "autopilot")
   autopilot.autopilot(base, out, warmup_steps=args.warmup_steps,
                       lr_multipliers=args.lr_multipliers, deltas=args.deltas, lr_scales=args.lr_scales,

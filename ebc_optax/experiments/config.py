@@ -237,10 +237,18 @@ def parse_set(assignments: Iterable[str]) -> dict[str, dict[str, Any]]:
   return out
 
 
+def seeds_config() -> Config:
+  """The defaults with the ``ebc`` section at the seeds' recipe: what the
+  seeds' runners (ablate, shakespeare-ablation, autopilot) start from, so
+  that they reproduce the seed study whatever the library's defaults are."""
+  return Config(ebc=ebc_config.EBCConfig.seeds())
+
+
 def load(path: str | pathlib.Path | None = None,
-         sets: Iterable[str] = ()) -> Config:
-  """Defaults, then the JSON file at ``path`` (if any), then ``--set`` items."""
-  cfg = Config()
+         sets: Iterable[str] = (), base: Config | None = None) -> Config:
+  """``base`` (default :class:`Config`), then the JSON file at ``path`` (if
+  any), then ``--set`` items."""
+  cfg = Config() if base is None else base
   if path is not None:
     with open(path, encoding="utf-8") as f:
       cfg = merge(cfg, json.load(f))

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+import ebc_optax
 from ebc_optax.experiments import config as config_lib
 from ebc_optax.experiments import plots
 from ebc_optax.experiments import sweeps
@@ -106,7 +107,9 @@ class StudyArm:
 
 
 def _ebc(**ebc: Any) -> dict[str, Any]:
-  return {"optim": {"clip": "ebc"}, "ebc": ebc}
+  """The EBC arm: the seeds' recipe with ``ebc`` changed. Spelled out, so an
+  arm means the same whatever the library's defaults are."""
+  return {"optim": {"clip": "ebc"}, "ebc": {**ebc_optax.SEEDS_RECIPE, **ebc}}
 
 
 def _on(base: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -134,10 +137,9 @@ def peer_arms() -> list[StudyArm]:
       StudyArm("prodigy", _on("prodigy", {}), base="prodigy"),
       StudyArm("schedule_free", _on("schedule_free", {}), base="schedule_free"),
   ]
-  seeds_recipe = {"target_kl": 0.05}
   fisher = dict(target_kl=0.01, controller="none", **_FISHER)
   for base in BASES:
-    arms.append(StudyArm(f"ebc_{base}", _on(base, _ebc(**seeds_recipe)),
+    arms.append(StudyArm(f"ebc_{base}", _on(base, _ebc()),
                          knob="delta*=0.05", base=base))
   for base in ("adam", "prodigy"):
     arms.append(StudyArm(f"fisher_{base}_d0.01", _on(base, _ebc(**fisher)),
@@ -576,9 +578,11 @@ def figures(out_dir: pathlib.Path, rows: Sequence[dict[str, Any]],
   if baseline is not None:
     ax.axhline(baseline, color="k", lw=0.8, ls="--", label="tuned adam ×1")
     ax.axhline(1.01 * baseline, color="k", lw=0.5, ls=":", label="+1%")
-    ax.set_ylim(baseline - 0.05, baseline + 0.45)
+    finite = [s["val_loss_mean"] for s in summary
+              if s["arm"] in main and s["val_loss_mean"] is not None]
+    ax.set_ylim(min(finite + [baseline]) - 0.02, baseline + 0.45)
   ax.set_xscale("log", base=2)
-  ax.set_xlabel("LR scale (×1 = tuned adam LR)")
+  ax.set_xlabel("LR scale (×1 = the base's LR ×1: tuned, or Prodigy's default)")
   ax.set_ylabel("final val loss (nats/char)")
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()

@@ -221,7 +221,7 @@ def ablate(out_dir: pathlib.Path, *, steps: int | None = None,
   step's c, ``avg_c`` the mean; ``clip`` the arm).
   """
   clips = clip_arms(clips=clips)
-  base = config_lib.merge(config_lib.Config(), ABLATE_BASE)
+  base = config_lib.merge(config_lib.seeds_config(), ABLATE_BASE)  # seeds' EBC
   if steps is not None:
     base = with_values(base, train={"steps": steps, "eval_interval": steps})
   base = config_lib.validate(config_lib.merge(base, config_lib.parse_set(sets)))

@@ -268,11 +268,13 @@ def _summary(cfg: config_lib.Config, host: dict[str, Any], status: str,
     out.update(accept_rate=1.0, avg_c=1.0, c_p10=1.0, c_p50=1.0, c_p90=1.0,
                eta_eff_mean=cfg.lr, probe_fraction=0.0)
   if kls.size:
+    out["applied_kl_mean"] = float(kls.mean())
+  if kls.size and cfg.ebc.controller != "relative":
+    # The relative radius has no target: δ is a threshold, not a KL to hit.
     refs = np.asarray(host.get("probe_kl_ref") or [cfg.ebc.target_kl] * kls.size,
                       np.float64)
     ratio = kls / refs
-    out.update(applied_kl_mean=float(kls.mean()),
-               applied_kl_ref_mean=float(refs.mean()),
+    out.update(applied_kl_ref_mean=float(refs.mean()),
                applied_kl_over_target_median=float(np.median(ratio)),
                applied_kl_within_30pct=float(np.mean(np.abs(ratio - 1) <= 0.3)),
                target_kl=cfg.ebc.target_kl)
@@ -396,7 +398,8 @@ def train(
         host["probe_kl"].append(float(m["applied_kl"]))
         # What the applied KL should match: the PI controller's target δ*,
         # otherwise the δ the clip used at this (probed) step (fixed, or
-        # adapted by the trust-region controller).
+        # adapted by the trust-region controller); the relative radius's δ
+        # is a threshold, not a target (_summary leaves it out).
         host["probe_kl_ref"].append(
             cfg.ebc.target_kl if cfg.ebc.controller == "pi"
             else float(m["delta"]))

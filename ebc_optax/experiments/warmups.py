@@ -195,7 +195,8 @@ class MLPHistory:
 def mlp_optimizer(apply_fn: Callable[[Any, Any], jax.Array], lr: float, *,
                   ebc: bool = False, target_kl: float = 0.05,
                   **ebc_kwargs: Any) -> optax.GradientTransformationExtraArgs:
-  """``adam(lr)``, followed by :func:`ebc_optax.ellipsotope_budget_clip` if ``ebc``.
+  """``adam(lr)``, followed by :func:`ebc_optax.ellipsotope_budget_clip` at the
+  seeds' recipe (:data:`ebc_optax.SEEDS_RECIPE`) if ``ebc``.
 
   Args:
     apply_fn: ``(params, x[B, in_dim]) -> logits[B, C]``; every example is one
@@ -211,8 +212,8 @@ def mlp_optimizer(apply_fn: Callable[[Any, Any], jax.Array], lr: float, *,
   """
   parts = [optax.adam(lr)]
   if ebc:
-    parts.append(ebc_optax.ellipsotope_budget_clip(apply_fn, target_kl,
-                                                   **ebc_kwargs))
+    parts.append(ebc_optax.ellipsotope_budget_clip(apply_fn, **{
+        **ebc_optax.SEEDS_RECIPE, "target_kl": target_kl, **ebc_kwargs}))
   elif ebc_kwargs:
     raise ValueError(f"EBC keyword arguments {sorted(ebc_kwargs)} given with "
                      "ebc=False.")
@@ -470,7 +471,7 @@ def lm_warmup_config(smoke: bool = False, **sections: Mapping[str, Any]
   base["optim"] = {"optimizer": "adam", "lr": 2e-3, "clip": "ebc",
                    "spectral": "none"}
   base.setdefault("ebc", {})["target_kl"] = 0.05
-  cfg = config_lib.merge(config_lib.Config(), base)
+  cfg = config_lib.merge(config_lib.seeds_config(), base)  # the seeds' warm-up
   return config_lib.validate(config_lib.merge(cfg, sections))
 
 

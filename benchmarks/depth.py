@@ -79,8 +79,10 @@ class Problem:
     adam = optax.adam(2e-3)
     if mode is None:
       return adam
+    if mode.get("controller", "relative") != "relative":
+      mode = {"target_kl": 0.05, **mode}  # the relative radius has no target
     return optax.chain(adam, ebc_optax.ellipsotope_budget_clip(
-        self.fns.apply_fn, 0.05, loss_fn=optim_lib.next_token_loss,
+        self.fns.apply_fn, loss_fn=optim_lib.next_token_loss,
         stacked=self.stacked, **mode))
 
   def step_fn(self, tx):

@@ -45,7 +45,7 @@ TARGET_KL = 0.05
 
 # Every mode of the transform; kwargs of ellipsotope_budget_clip.
 MODES = {
-    "default (l1, bound, probes on B/4)": {},
+    "default (relative radius; l1, bound, probes on B/4)": {},
     "default, full-batch probes": {"probe_batch_size": None},
     "l1, fisher": {"kl": "fisher"},
     "l2, bound": {"aggregate": "l2"},
@@ -64,13 +64,13 @@ MODES = {
         "aggregate": "exact", "kl": "fisher", "exact_every": 4,
         "probe_batch_size": 0.125, "controller": "trust_region"},
     "beta + probe every step, B/4": {"update_every": 1, "probe_every": 1},
-    "relative radius (l1, bound)": {"controller": "relative"},
+    "relative radius, cut back (overshoot='scale')": {"overshoot": "scale"},
     "relative radius, exact fisher every 4th step, B/8": {
         "controller": "relative", "aggregate": "exact", "kl": "fisher",
         "exact_every": 4, "probe_batch_size": 0.125},
     "seeds' recipe": dict(ebc_optax.SEEDS_RECIPE),
 }
-DEPTH_MODES = ("default (l1, bound, probes on B/4)",
+DEPTH_MODES = ("default (relative radius; l1, bound, probes on B/4)",
                "exact, fisher, every step, B/8",
                "exact, fisher, trust-region radius, B/8")
 
@@ -113,7 +113,8 @@ class Problem:
     adam = optax.adam(2e-3)
     if mode is None:
       return adam
-    mode = {"target_kl": TARGET_KL, **mode}
+    if mode.get("controller", "relative") != "relative":
+      mode = {"target_kl": TARGET_KL, **mode}  # the relative radius has none
     return optax.chain(adam, ebc_optax.ellipsotope_budget_clip(
         self.apply_fn, loss_fn=optim_lib.next_token_loss, **mode))
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 AGGREGATES = ("l1", "l2")
+OVERSHOOTS = ("scale", "skip")
 
 
 def layer_contributions(beta: jax.Array, norms: jax.Array) -> jax.Array:
@@ -39,13 +40,21 @@ def budget_surrogate(contributions: jax.Array, aggregate: str = "l1") -> jax.Arr
 
 
 def clip_scale(surrogate: jax.Array, radius: jax.Array,
-               eps: float = 1e-12) -> jax.Array:
-  """``c = min(1, τ / max(S, ε))``.
+               eps: float = 1e-12, overshoot: str = "scale") -> jax.Array:
+  """``c = min(1, τ / max(S, ε))``; with ``overshoot="skip"`` a step beyond
+  the radius is refused instead (``c = 0`` when ``S > τ``, else 1).
 
   Example:
     >>> float(clip_scale(4.0, 1.0)), float(clip_scale(0.5, 1.0))
     (0.25, 1.0)
+    >>> float(clip_scale(4.0, 1.0, overshoot="skip"))
+    0.0
   """
   surrogate = jnp.asarray(surrogate, jnp.float32)
   radius = jnp.asarray(radius, jnp.float32)
+  if overshoot == "skip":
+    return jnp.where(surrogate > radius, 0.0, 1.0).astype(jnp.float32)
+  if overshoot != "scale":
+    raise ValueError(
+        f"overshoot must be one of {OVERSHOOTS}; got {overshoot!r}.")
   return jnp.minimum(1.0, radius / jnp.maximum(surrogate, eps))

@@ -104,6 +104,7 @@ def budget_clip(
     layer_labels: _layers.LayerLabelsFn | None = None,
     include_embed_out: bool = False,
     stacked: _layers.Stacked = None,
+    overshoot: str = "scale",
     eps: float = 1e-12,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales the whole update by ``c = min(1, τ / S)``.
@@ -140,6 +141,10 @@ def budget_clip(
     stacked: label prefixes of layers stacked on axis 0 (``nn.scan`` /
       ``nnx.scan`` models): slice ``i`` of every leaf under prefix ``p`` is
       layer ``"p/i"`` (see :func:`partition_layers`).
+    overshoot: what happens to a step with ``S > τ``: ``"scale"`` (``c =
+      τ/S``: the step is cut back to the radius) or ``"skip"`` (``c = 0``: the
+      step is refused; use it with a radius that ordinary steps fit, such as
+      :func:`relative_radius`'s, or training stops).
     eps: floor on ``S``.
 
   Returns:
@@ -149,6 +154,7 @@ def budget_clip(
   """
   _validation.check_number("target_kl", target_kl, lo=0, lo_open=True)
   _validation.check_choice("aggregate", aggregate, AGGREGATES)
+  _validation.check_choice("overshoot", overshoot, _aggregate.OVERSHOOTS)
   _validation.check_number("exact_every", exact_every, lo=1, integer=True)
   _validation.check_number("eps", eps, lo=0, lo_open=True)
   exact = aggregate == "exact"
@@ -233,7 +239,7 @@ def budget_clip(
     factor = jnp.asarray(1.0 if radius_factor is None else radius_factor,
                          jnp.float32)
     radius = _logits.trust_radius(delta) * factor
-    scale = _aggregate.clip_scale(surrogate, radius, eps)
+    scale = _aggregate.clip_scale(surrogate, radius, eps, overshoot)
     new_state = state._replace(
         ebc_step=state.ebc_step + 1,
         kl_target=delta,

@@ -48,7 +48,7 @@ class EBCConfig:
   probe_batch_size: int | float | None = 0.25
   kl: str = "bound"
   exact_every: int = 1
-  controller: str = "pi"
+  controller: str = "relative"
   guard: bool = True
   probe_every: int = 20
   pi_kp: float = 0.15
@@ -64,6 +64,7 @@ class EBCConfig:
   tr_delta_max: float = 1.0
   rel_multiple: float = 4.0
   rel_window: int = 32
+  overshoot: str | None = None
   stacked: tuple[str, ...] | None = None
   eps: float = 1e-12
 
@@ -114,8 +115,8 @@ def from_config(
 
   Example:
     >>> import jax.numpy as jnp
-    >>> tx = from_config({"ebc_target_kl": 0.1, "ebc_aggregate": "l2"},
-    ...                  lambda p, x: x @ p)
+    >>> tx = from_config({"ebc_controller": "pi", "ebc_target_kl": 0.1,
+    ...                   "ebc_aggregate": "l2"}, lambda p, x: x @ p)
     >>> from_config({"ebc_target": 0.1}, lambda p, x: x @ p)
     Traceback (most recent call last):
     ...
@@ -145,6 +146,13 @@ def transform_kwargs(
     raise ValueError(
         "ebc_controller must be one of ('pi', 'trust_region', 'relative', "
         f"'none'); got {cfg.controller!r}.")
+  default_target = EBCConfig.__dataclass_fields__["target_kl"].default
+  if cfg.controller == "relative" and cfg.target_kl != default_target:
+    raise ValueError(
+        f"ebc_target_kl={cfg.target_kl!r} is unused by ebc_controller="
+        "'relative' (the default), which sets δ from the recent steps: set "
+        "ebc_controller to 'pi' to steer the applied KL to it, to 'none' for "
+        "a fixed δ, or leave ebc_target_kl at its default.")
   controller = None
   if cfg.controller == "pi":
     controller = _controller.pi_controller(
@@ -159,7 +167,8 @@ def transform_kwargs(
     controller = _relative.relative_radius(multiple=cfg.rel_multiple,
                                            window=cfg.rel_window)
   return dict(
-      target_kl=cfg.target_kl,
+      # The relative radius has no target (a given one is an error there).
+      target_kl=None if cfg.controller == "relative" else cfg.target_kl,
       update_every=cfg.update_every, probe_layers=cfg.probe_layers,
       full_sweep_every=cfg.full_sweep_every, beta_ema=cfg.beta_ema,
       safety=cfg.safety, aggregate=cfg.aggregate, kl=cfg.kl,
@@ -170,6 +179,6 @@ def transform_kwargs(
       probe_batch_size=cfg.probe_batch_size, probe_batch_fn=probe_batch_fn,
       controller=controller,
       guard=cfg.guard, probe_every=cfg.probe_every, loss_fn=loss_fn,
-      layer_labels=layer_labels,
+      layer_labels=layer_labels, overshoot=cfg.overshoot,
       stacked=tuple(cfg.stacked) if cfg.stacked else None,
       axis_name=axis_name, eps=cfg.eps)

@@ -72,7 +72,13 @@ def relative_radius(*, multiple: float = 4.0,
 
   Runs on every step (``every_step=True``): it reads the unclipped step's
   surrogate ``S`` from each step's measurement. A step with ``S = 0`` (a zero
-  update) does not enter the window.
+  update) does not enter the window. A step the clip refused
+  (``overshoot="skip"``: ``c = 0`` with ``S > 0``) enters it at the threshold
+  ``δ`` it exceeded, not at its own ``K``: a burst cannot drag the median up
+  to itself, and a lasting change of the step size still raises the
+  threshold — by up to ``multiple`` per half window — so steps are never
+  refused for ever (with the defaults, a step size that jumps ×3 for good
+  passes after 17 refused steps, ×10 after 49).
 
   Args:
     multiple: how many times the typical predicted KL a step may have before
@@ -94,9 +100,11 @@ def relative_radius(*, multiple: float = 4.0,
     return state, jnp.asarray(UNSET_DELTA, jnp.float32)
 
   def update(state, measurement, delta, target_kl):
-    del delta, target_kl
+    del target_kl
     step_kl = 0.25 * jnp.square(jnp.asarray(measurement.surrogate, jnp.float32))
     seen = step_kl > 0
+    refused = jnp.logical_and(seen, measurement.clip_scale <= 0)
+    step_kl = jnp.where(refused, jnp.minimum(step_kl, delta), step_kl)
     slot = state.median_steps % window
     log_kl = jnp.log(jnp.where(seen, step_kl, 1.0))
     buf = jnp.where(seen, state.log_step_kl.at[slot].set(log_kl),

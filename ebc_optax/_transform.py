@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import optax
 
+from ebc_optax import _aggregate
 from ebc_optax import _clip
 from ebc_optax import _controller
 from ebc_optax import _layers
@@ -21,11 +22,12 @@ from ebc_optax import _trust_region
 from ebc_optax import _validation
 
 CONTROLLERS = (None, "pi", "trust_region", "relative")
+DEFAULT_TARGET_KL = 0.05  # δ* of the seeds' recipe
 
 
 def ellipsotope_budget_clip(
     logits_fn: Callable[[Any, Any], jax.Array],
-    target_kl: float = 0.05,
+    target_kl: float | None = None,
     *,
     update_every: int = 20,
     probe_layers: int = 2,
@@ -42,12 +44,13 @@ def ellipsotope_budget_clip(
     fd_step: float = 1e-2,
     probe_batch_size: _rows.ProbeBatchSize = 0.25,
     probe_batch_fn: _rows.ProbeBatchFn | None = None,
-    controller: str | _controller.KLController | None = "pi",
+    controller: str | _controller.KLController | None = "relative",
     guard: bool = True,
     probe_every: int = 20,
     loss_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
     layer_labels: _layers.LayerLabelsFn | None = None,
     stacked: _layers.Stacked = None,
+    overshoot: str | None = None,
     axis_name: _logits.AxisName = None,
     eps: float = 1e-12,
 ) -> optax.GradientTransformationExtraArgs:
@@ -85,14 +88,17 @@ def ellipsotope_budget_clip(
       kl_probe(                           # owns δ and g, passes them down each step;
         budget_clip(est),                 # β refresh, S, c = min(1, τ/S), scale
         est,                              # every probe_every steps: KL, T, ρ, then
-        controller=pi_controller(),       # the next δ
+        controller=relative_radius(),     # the next δ (every step)
         guard=True))                      # the next g = min(1, 1/ρ)
 
   Args:
     logits_fn: ``(params, batch) -> logits`` of shape ``[..., vocab]``; every
       leading axis counts as a token.
-    target_kl: ``δ*`` in nats/token (> 0): the applied-KL target of the
-      controller, or the fixed ``δ`` when ``controller=None``.
+    target_kl: ``δ*`` in nats/token (> 0): the applied-KL target of the PI
+      controller, the starting ``δ`` of the trust-region radius, or the fixed
+      ``δ`` when ``controller=None``; None: the seeds' 0.05 for those. The
+      default relative radius has no target, so a ``target_kl`` given with
+      it is a ``ValueError`` (rather than a number silently unused).
     update_every: steps between round-robin ``β`` refreshes (>= 1).
     probe_layers: layers per refresh (>= 1).
     full_sweep_every: steps between full ``β`` sweeps (>= 0; 0/None: only the
@@ -122,13 +128,18 @@ def ellipsotope_budget_clip(
       global batch under ``jax.jit`` (see ``ebc_optax._rows``).
     probe_batch_fn: ``batch -> probe batch``, replacing that rule (for
       batches with a leaf that has ``R`` leading entries but no rows).
-    controller: ``"pi"`` (:func:`pi_controller` with the seeds' gains),
-      ``"trust_region"`` (:func:`trust_region_radius`: δ adapted by the ratio
-      of actual to predicted loss decrease; needs ``loss_fn``),
-      ``"relative"`` (:func:`relative_radius`: δ a multiple of the running
-      median predicted KL, before clipping, of the last steps; ``target_kl``
-      unused), a
-      :class:`KLController`, or None (fixed ``δ``).
+    controller: ``"relative"`` (the default, :func:`relative_radius`: δ a
+      multiple of the median predicted KL, before clipping, of the last
+      steps, so ordinary steps pass and outliers are cut; ``target_kl``
+      unused), ``"pi"`` (:func:`pi_controller` with the seeds' gains: steers
+      the applied KL to ``target_kl``; the seeds' recipe,
+      :data:`SEEDS_RECIPE`), ``"trust_region"`` (:func:`trust_region_radius`:
+      δ adapted by the ratio of actual to predicted loss decrease; needs
+      ``loss_fn``), a :class:`KLController`, or None (fixed ``δ``).
+      The default was the PI controller until the peer study
+      (``benchmarks/RESULTS.md``) showed it pinning ``δ`` at its clamp: a
+      fixed logit-space step that costs quality at a well-set LR and
+      strangles schedule-free AdamW.
     guard: shrink-only guard on the applied change.
     probe_every: steps between applied-KL probes (>= 0; 0 disables them, and
       with them the controller and the guard).
@@ -141,6 +152,16 @@ def ellipsotope_budget_clip(
       linen ``nn.scan``, ``"model/layers"``); slice ``i`` of every leaf under
       prefix ``p`` is budgeted as its own layer ``"p/i"``. Check the result
       with ``budget_layers(params, stacked=...)``.
+    overshoot: a step with ``S > τ`` is cut back to the radius (``"scale"``,
+      ``c = τ/S``) or refused (``"skip"``, ``c = 0``; the base optimizer's
+      state still takes the gradient). ``"skip"`` needs a radius that
+      ordinary steps fit — ``controller="relative"`` (or another controller
+      with ``every_step``) — and is a ``ValueError`` with any other: a fixed
+      or target-steered δ that every step exceeds would refuse every step.
+      None (the default): ``"skip"`` with such a controller, ``"scale"``
+      with any other (the seeds' clip). The spike suite chose it: a refused
+      burst does no damage while it lasts, a cut-back one most of an
+      unclipped burst's (``benchmarks/RESULTS.md``).
     axis_name: ``pmap``/``shard_map`` axis name; the JVP norms, the probe's
       KL and ``T`` are all-reduced so every replica applies the same ``c``.
       Not needed under ``jax.jit`` with a sharded batch.
@@ -157,7 +178,7 @@ def ellipsotope_budget_clip(
     ...   return jnp.tanh(x @ p["hidden"]) @ p["readout_w"]
     >>> params = {"hidden": jnp.eye(3), "readout_w": jnp.ones((3, 5))}
     >>> tx = optax.chain(optax.adam(1e-1),
-    ...                  ebc_optax.ellipsotope_budget_clip(logits_fn, 0.01))
+    ...                  ebc_optax.ellipsotope_budget_clip(logits_fn))
     >>> state = tx.init(params)
     >>> x = jnp.arange(6.).reshape(2, 3)
     >>> grads = jax.tree.map(jnp.ones_like, params)
@@ -179,6 +200,28 @@ def ellipsotope_budget_clip(
     controller = _trust_region.trust_region_radius()
   elif controller == "relative":
     controller = _relative.relative_radius()
+  relative = controller is not None and controller.every_step
+  if target_kl is not None:
+    _validation.check_number("target_kl", target_kl, lo=0, lo_open=True)
+  if target_kl is not None and relative:
+    raise ValueError(
+        f"target_kl={target_kl!r} is unused by the relative radius "
+        "(controller='relative', the default), which sets δ from the recent "
+        "steps: pass controller='pi' to steer the applied KL to target_kl "
+        "(the seeds' recipe, ebc_optax.SEEDS_RECIPE), controller=None for a "
+        "fixed δ = target_kl, or leave target_kl out.")
+  if target_kl is None:
+    target_kl = DEFAULT_TARGET_KL
+  _validation.check_choice("overshoot", overshoot,
+                           (None,) + _aggregate.OVERSHOOTS)
+  if overshoot is None:
+    overshoot = "skip" if relative else "scale"
+  if overshoot == "skip" and not relative:
+    raise ValueError(
+        "overshoot='skip' refuses every step with S > τ, so it needs a radius "
+        "that ordinary steps fit: use controller='relative' (or a "
+        "KLController with every_step=True); with a fixed or target-steered δ "
+        "use overshoot='scale'.")
   estimator = _sensitivity.sensitivity_estimator(
       logits_fn, sensitivity=sensitivity, update_every=update_every,
       probe_layers=probe_layers, full_sweep_every=full_sweep_every,
@@ -190,7 +233,7 @@ def ellipsotope_budget_clip(
       estimator, target_kl=target_kl, aggregate=aggregate,
       exact_every=exact_every,
       layer_labels=layer_labels, include_embed_out=include_embed_out,
-      stacked=stacked, eps=eps)
+      stacked=stacked, overshoot=overshoot, eps=eps)
   probed = _probe.kl_probe(
       clip, estimator, target_kl=target_kl, controller=controller,
       guard=guard, probe_every=probe_every, loss_fn=loss_fn, eps=eps)

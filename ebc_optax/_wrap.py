@@ -80,7 +80,7 @@ def wrap(
     >>> def logits_fn(p, x):
     ...   return jnp.tanh(x @ p["hidden"]) @ p["readout_w"]
     >>> params = {"hidden": jnp.eye(3), "readout_w": jnp.ones((3, 5))}
-    >>> tx = ebc_optax.wrap(optax.adam(1e-1), logits_fn, target_kl=0.01)
+    >>> tx = ebc_optax.wrap(optax.adam(1e-1), logits_fn)
     >>> state = tx.init(params)
     >>> x = jnp.arange(6.).reshape(2, 3)
     >>> grads = jax.tree.map(jnp.ones_like, params)

@@ -26,7 +26,7 @@ GLOBAL_BATCH = 16
 LEARNING_RATE = 5e-2
 # Small target so that c < 1; refresh every step and probe every other step,
 # so β refreshes, probes, the controller and the guard all run in STEPS steps.
-EBC_KW = dict(target_kl=0.003, update_every=1, probe_layers=1, probe_every=2)
+EBC_KW = dict(controller="pi", target_kl=0.003, update_every=1, probe_layers=1, probe_every=2)
 # Runs compared with the reference: name -> extra EBC keyword arguments.
 # "full" measures β and the KL probe on every row; "probe4" on every 4th row
 # of the *global* batch (rows 0, 4, 8, 12: two on each process's devices).

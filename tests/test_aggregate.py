@@ -104,6 +104,21 @@ def test_clip_scale_cases(surrogate, radius, expected):
   assert got == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("surrogate,radius,expected", [
+    (4.0, 1.0, 0.0),        # beyond the radius: refused
+    (0.5, 1.0, 1.0),        # inside: passes whole
+    (1.0, 1.0, 1.0),        # on the boundary: passes
+    (0.0, 1.0, 1.0),        # a zero step
+    (3.0, 0.0, 0.0),
+])
+def test_clip_scale_skip_refuses_what_is_beyond_the_radius(surrogate, radius,
+                                                           expected):
+  got = float(ebc_optax.clip_scale(surrogate, radius, overshoot="skip"))
+  assert got == expected
+  with pytest.raises(ValueError, match="overshoot"):
+    ebc_optax.clip_scale(surrogate, radius, overshoot="drop")
+
+
 def test_clip_scale_eps_floor():
   # S below the floor is replaced by eps: c = min(1, tau / eps).
   assert float(ebc_optax.clip_scale(0.0, 1e-14, eps=1e-12)) == pytest.approx(

@@ -120,7 +120,8 @@ def test_diverging_run_is_marked_and_the_sweep_continues(tmp_path):
   arms = [
       sweeps.Arm("huge_lr_baseline", sweeps.with_values(base, optim={"clip": "none"}), {"ebc": 0}),
       sweeps.Arm("huge_lr_ebc", sweeps.with_values(
-          base, optim={"clip": "ebc"}, ebc={"target_kl": 0.01}), {"ebc": 1}),
+          base, optim={"clip": "ebc"}, ebc={"target_kl": 0.01, "controller": "pi"}),
+          {"ebc": 1}),
   ]
   rows = sweeps.run_arms(arms, tmp_path, progress=False)
   assert rows[0]["status"] == "diverged" and rows[0]["diverged"]

@@ -129,7 +129,7 @@ def test_adam_with_ebc_reduces_loss_under_jit():
   apply_fn, params = tiny_gpt()
   loss = next_token_loss(apply_fn)
   batch = tokens(batch=4)
-  tx = optax.chain(optax.adam(3e-3), ebc_optax.ellipsotope_budget_clip(apply_fn, 0.05))
+  tx = optax.chain(optax.adam(3e-3), ebc_optax.ellipsotope_budget_clip(apply_fn, 0.05, controller="pi"))
   state = tx.init(params)
 
   @jax.jit

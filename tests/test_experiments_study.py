@@ -3,6 +3,7 @@ resumption, parallel runs, and the burst kinds themselves."""
 
 import csv
 import json
+import math
 import pathlib
 
 import jax
@@ -269,3 +270,47 @@ def test_spikes_command_line(tmp_path, monkeypatch, capsys):
   assert "# Spike suite" in capsys.readouterr().out
   assert seen == dict(steps=None, arms=["adam", "ebc_adam"], kinds=["repeat"],
                       seeds=[0, 1], progress=False, workers=1)
+
+
+def test_a_run_without_ebc_survives_a_change_of_the_ebc_defaults(tmp_path):
+  # A study made before the library's EBC defaults changed stays usable: the
+  # runs that never built EBC are reused; an EBC run's settings still count.
+  def saved(clip, controller):
+    cfg = config_lib.merge(config_lib.Config(), {
+        "optim": {"clip": clip}, "ebc": {"controller": controller}})
+    run = tmp_path / f"{clip}_{controller}"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(config_lib.to_dict(cfg)))
+    return run
+
+  def arm(clip):
+    return sweeps.Arm(clip, config_lib.merge(
+        config_lib.Config(), {"optim": {"clip": clip}}), labels={})
+
+  sweeps._check_same_config(arm("none"), saved("none", "pi"))
+  sweeps._check_same_config(arm("global"), saved("global", "pi"))
+  with pytest.raises(ValueError, match="different config.*ebc.controller"):
+    sweeps._check_same_config(arm("ebc"), saved("ebc", "pi"))
+  with pytest.raises(ValueError, match="different config.*optim.clip"):
+    sweeps._check_same_config(arm("ebc"), saved("none", "relative"))
+
+
+def test_bar_b_table_judges_the_worst_kind():
+  def cell(arm, kind, peak, vs, final=0.0):
+    return {"arm": arm, "kind": kind, "peak": (peak, 0.0), "peak_vs_adam": vs,
+            "final_excess": (final, 0.0)}
+  table = [cell("adam", "repeat", 2.0, 1.0), cell("adam", "lr", 3.0, 1.0),
+           cell("a", "repeat", 0.04, 0.02), cell("a", "lr", 0.09, 0.03),
+           cell("b", "repeat", 0.04, 0.02), cell("b", "lr", 0.3, 0.1),
+           cell("c", "repeat", 0.01, 0.005), cell("c", "lr", math.inf, None),
+           cell("d", "repeat", 0.01, 0.005),
+           cell("e", "repeat", 0.01, 0.005), cell("e", "lr", None, None, math.inf)]
+  rows = {line.split(" | ")[0].lstrip("| "): line
+          for line in spikes.bar_b_markdown(table).splitlines()
+          if line.startswith("| ") and not line.startswith("| arm")}
+  assert rows["a"].endswith("| 2.0% | 3.0% | 3.0% | yes |")
+  assert rows["b"].endswith("| 10.0% | no |")
+  assert rows["c"].endswith("| div. | div. | no |")
+  assert rows["d"].endswith("| — | 0.5% | — |")  # a kind not measured yet
+  assert rows["e"].endswith("| div. | div. | no |")  # diverged, no peak
+  assert "adam" not in rows

@@ -333,7 +333,7 @@ def test_jitted_step_on_every_layout(name):
   params, logits_fn, want = build()
   batch = tiny_batch(jax.random.PRNGKey(1))
   tx = optax.chain(optax.adam(0.3), ebc_optax.ellipsotope_budget_clip(
-      logits_fn, 1e-3, stacked=stacked))
+      logits_fn, 1e-3, stacked=stacked, controller="pi"))
 
   def loss(p, tokens):
     logp = jax.nn.log_softmax(logits_fn(p, tokens)[:, :-1])
@@ -390,7 +390,7 @@ def test_stacked_twin_gives_the_same_beta_and_c(tiny, kwargs):
   logits_fn, params, batch, _ = tiny
   params = tiny_params(jax.random.PRNGKey(0), num_blocks=4)
   grads = random_like(jax.random.PRNGKey(2), params, 0.3)
-  common = dict(target_kl=1e-3, beta_ema=0.0, safety=1.0, **kwargs)
+  common = dict(controller="pi", target_kl=1e-3, beta_ema=0.0, safety=1.0, **kwargs)
   upd_u, tel_u = _one_step(
       ebc_optax.ellipsotope_budget_clip(logits_fn, **common), params, grads, batch)
   upd_s, tel_s = _one_step(
@@ -465,7 +465,7 @@ def test_stacked_under_sharded_jit_matches_one_device():
     return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
 
   tx = optax.chain(optax.adam(0.3), ebc_optax.ellipsotope_budget_clip(
-      stacked_logits_fn, 1e-3, stacked="blocks", probe_every=2))
+      stacked_logits_fn, 1e-3, stacked="blocks", probe_every=2, controller="pi"))
   p1, t1 = dp.single_device_run(tx, loss, params, batch, steps=4)
   p8, t8 = dp.sharded_jit_run(tx, loss, params, batch, steps=4)
   assert t1["beta"].shape == (2,)

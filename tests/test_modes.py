@@ -120,7 +120,7 @@ def make_tx(target_kl=0.05, **kw):
   kw.setdefault("safety", 1.0)
   kw.setdefault("probe_batch_size", None)  # brute force is on the whole batch
   kw.setdefault("probe_every", 0)
-  return ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, target_kl, **kw)
+  return ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, target_kl, **{"controller": "pi", **kw})
 
 
 DELTA = 1e-3  # the default δ of the single-step tests
@@ -475,7 +475,7 @@ def test_modes_trace_once_in_a_chain(model, aggregate, kl, exact_every):
   params, batch = model
   tx = optax.chain(optax.adam(5e-2), ebc_optax.ellipsotope_budget_clip(
       tiny_logits_fn, 0.01, aggregate=aggregate, kl=kl, exact_every=exact_every,
-      probe_every=2, update_every=2))
+      probe_every=2, update_every=2, controller="pi"))
   state = tx.init(params)
 
   @jax.jit
@@ -504,7 +504,7 @@ def test_modes_trace_once_in_a_chain(model, aggregate, kl, exact_every):
 # ---------------------------------------------------------------------------
 
 PAR_STEPS = 3
-PAR_KW = dict(target_kl=0.003, update_every=1, probe_layers=1, probe_every=1,
+PAR_KW = dict(controller="pi", target_kl=0.003, update_every=1, probe_layers=1, probe_every=1,
               probe_batch_size=None)
 PAR_KEYS = ("c", "S", "tau", "delta", "applied_kl", "applied_change", "rho",
             "beta", "contribution", "S_lin", "calibration")
@@ -580,7 +580,7 @@ def test_fisher_data_parallel_matches_single_device(par_setup, aggregate):
 def test_bad_probe_batch_size_raises_naming_it(value):
   with pytest.raises(ValueError, match="probe_batch_size"):
     ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, 0.05,
-                                      probe_batch_size=value)
+                                      probe_batch_size=value, controller="pi")
   with pytest.raises(ValueError, match="probe_batch_size"):
     ebc_optax.sensitivity_estimator(tiny_logits_fn, probe_batch_size=value)
 
@@ -684,7 +684,7 @@ def test_fisher_guard_ratio_matches_brute_force(model, aggregate, safety):
 ])
 def test_bad_mode_arguments_raise_naming_the_parameter(name, value, message):
   with pytest.raises(ValueError, match=message):
-    ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, 0.05, **{name: value})
+    ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, 0.05, **{"controller": "pi", name: value})
 
 
 def test_bad_kl_in_the_pieces_raises():

@@ -12,7 +12,7 @@ from conftest import next_token_loss, tiny_logits_fn
 STEPS = 4
 # Full-batch probes: a pmap replica probes its own first rows, one device the
 # first rows of the whole batch (test_modes checks the per-replica rows).
-KW = dict(target_kl=0.003, update_every=1, probe_layers=1, probe_every=1,
+KW = dict(controller="pi", target_kl=0.003, update_every=1, probe_layers=1, probe_every=1,
           probe_batch_size=None)
 
 

@@ -98,7 +98,7 @@ def test_guard_is_left_alone_when_the_surrogate_promises_nothing(tiny):
   It used to read T/1e-12 ≈ 1e11 and drive τ to ~0 for good."""
   _, params, batch, _ = tiny
   tx = ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, 0.01, probe_every=1,
-                                         probe_batch_size=None)
+                                         probe_batch_size=None, controller="pi")
   embed_only = jax.tree.map(jnp.zeros_like, params)
   embed_only["embed"] = 0.1 * jnp.ones_like(params["embed"])
   _, state = tx.update(embed_only, tx.init(params), params, batch=batch)

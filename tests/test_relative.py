@@ -4,6 +4,7 @@ steps — ordinary steps pass, bursts are cut, sustained growth is followed."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import ebc_optax
@@ -60,7 +61,8 @@ def test_ordinary_steps_pass_and_an_outlier_is_cut(tiny):
   _, params, batch, _ = tiny
   tx = ebc_optax.ellipsotope_budget_clip(
       tiny_logits_fn, controller=ebc_optax.relative_radius(window=8),
-      aggregate="exact", kl="fisher", probe_every=0, probe_batch_size=None)
+      overshoot="scale", aggregate="exact", kl="fisher", probe_every=0,
+      probe_batch_size=None)
   state = tx.init(params)
   update = jax.jit(tx.update)
   base = random_like(jax.random.PRNGKey(3), params, 0.01)
@@ -90,3 +92,96 @@ def test_bad_arguments_raise_naming_them():
     ebc_optax.relative_radius(multiple=1.0)
   with pytest.raises(ValueError, match="window"):
     ebc_optax.relative_radius(window=1)
+
+
+def _skip_deltas(surrogates, multiple=4.0, window=8):
+  """As ``_deltas``, with the clip refusing (c = 0) every step with K > δ."""
+  ctrl = ebc_optax.relative_radius(multiple=multiple, window=window)
+  state, delta = ctrl.init(jnp.float32(0.05))
+  out, refused = [], []
+  for s in surrogates:
+    refuse = 0.25 * s * s > float(delta)
+    m = ebc_optax.ProbeMeasurement(
+        applied_kl=0.0, applied_change=0.0, clip_scale=0.0 if refuse else 1.0,
+        surrogate=s, guard_ratio=float("nan"), interval=1)
+    state, delta = ctrl.update(state, m, delta, jnp.float32(0.05))
+    out.append(float(delta))
+    refused.append(refuse)
+  return np.asarray(out), np.asarray(refused)
+
+
+def test_a_refused_step_enters_the_window_at_the_threshold():
+  rng = np.random.default_rng(2)
+  s = rng.lognormal(0.0, 0.3, size=60)
+  s[30:45] *= 20.0  # a 15-step burst of a 16-window
+  s[50] *= 20.0
+  deltas, refused = _skip_deltas(s, window=16)
+  # Brute force: a ring of the last 16 entries; a refused step's entry is
+  # min(K, δ in use), every other step's its own K.
+  ring, used = [], 1e30
+  for t, x in enumerate(s):
+    k = x * x / 4
+    ring = (ring + [min(k, used) if k > used else k])[-16:]
+    used = 4.0 * np.exp(np.median(np.log(ring))) if len(ring) == 16 else 1e30
+    np.testing.assert_allclose(deltas[t], used, rtol=1e-5)
+  assert refused[30:45].all() and refused[50] and not refused[16:30].any()
+
+
+def test_refusing_never_stalls_a_lasting_change():
+  # The step size jumps ×10 for good: refused at first, then the threshold
+  # climbs (×4 in KL per half window) until the new size passes.
+  s = np.concatenate([np.ones(40), 10.0 * np.ones(200)])
+  _, refused = _skip_deltas(s, window=16)
+  assert refused[40] and not refused[120:].any()
+  assert refused[40:].sum() < 60
+
+
+def test_overshoot_skip_refuses_the_outlier_step_whole(tiny):
+  _, params, batch, _ = tiny
+  # The default: the relative radius, refusing what is beyond it.
+  tx = ebc_optax.wrap(optax.sgd(1.0), tiny_logits_fn,
+                      controller=ebc_optax.relative_radius(window=8),
+                      probe_batch_size=None)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  base = random_like(jax.random.PRNGKey(4), params, 0.01)
+  for t in range(20):
+    scale = 50.0 if t == 15 else 1.0 + 0.1 * np.sin(t)
+    updates, state = update(jax.tree.map(lambda u: -scale * u, base), state,
+                            params, batch=batch)
+    stats = ebc_optax.telemetry(state)
+    if t == 15:
+      assert float(stats["c"]) == 0.0 and float(stats["S"]) > float(stats["tau"])
+      assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
+    else:
+      assert float(stats["c"]) == 1.0
+  assert int(stats["clipped_steps"]) == 1
+
+
+def test_overshoot_skip_needs_a_relative_radius():
+  for controller in ("pi", None, "trust_region"):
+    with pytest.raises(ValueError, match="overshoot='skip'.*relative"):
+      ebc_optax.ellipsotope_budget_clip(
+          tiny_logits_fn, controller=controller, overshoot="skip",
+          loss_fn=lambda logits, batch: jnp.mean(logits))
+  with pytest.raises(ValueError, match="overshoot"):
+    ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, overshoot="drop")
+  cfg = ebc_optax.EBCConfig.from_mapping({"ebc_overshoot": "skip"})
+  assert cfg.overshoot == "skip" and cfg.controller == "relative"
+
+
+def test_default_overshoot_is_skip_with_the_relative_radius_only(tiny):
+  _, params, batch, _ = tiny
+  big = random_like(jax.random.PRNGKey(5), params, 10.0)
+
+  def c_of(**kw):
+    tx = ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, target_kl=1e-6,
+                                           probe_every=0, **{"controller": "pi", **kw})
+    _, state = tx.update(big, tx.init(params), params, batch=batch)
+    return float(ebc_optax.telemetry(state)["c"])
+
+  assert 0.0 < c_of(controller=None) < 1.0    # a fixed δ: cut back
+  assert 0.0 < c_of(controller="pi") < 1.0
+  assert c_of(controller=None, overshoot="scale") == c_of(controller=None)
+  assert ebc_optax.EBCConfig().overshoot is None
+  assert ebc_optax.EBCConfig().controller == "relative"

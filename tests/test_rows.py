@@ -76,7 +76,7 @@ def test_a_table_with_other_leading_size_is_passed_whole_in_the_transform():
                 ({"probe_batch_fn": lambda b: sliced}, batch),
                 ({"probe_batch_size": None}, sliced)):
     tx = ebc_optax.ellipsotope_budget_clip(_dict_logits_fn, 0.01, probe_every=1,
-                                           **kw)
+                                           **{"controller": "pi", **kw})
     _, state = tx.update(grads, tx.init(params), params, batch=b)
     stats.append(ebc_optax.telemetry(state))
   for other in stats[1:]:
@@ -120,7 +120,7 @@ def test_flattened_logits_warn_and_probe_every_row():
 def _tx(axis_name=None):
   return optax.chain(optax.adam(5e-2), ebc_optax.ellipsotope_budget_clip(
       tiny_logits_fn, 0.002, probe_every=2, update_every=2, aggregate="exact",
-      exact_every=2, kl="fisher", probe_batch_size=0.25, axis_name=axis_name))
+      exact_every=2, kl="fisher", probe_batch_size=0.25, axis_name=axis_name, controller="pi"))
 
 
 KEYS = ("c", "S", "beta", "applied_kl", "applied_change", "delta")
@@ -151,6 +151,6 @@ def test_default_rows_are_the_same_subset_on_every_layout():
   # are another probe batch.
   first = optax.chain(optax.adam(5e-2), ebc_optax.ellipsotope_budget_clip(
       tiny_logits_fn, 0.002, probe_every=2, update_every=2, aggregate="exact",
-      exact_every=2, kl="fisher", probe_batch_fn=lambda b: b[:8]))
+      exact_every=2, kl="fisher", probe_batch_fn=lambda b: b[:8], controller="pi"))
   other = dp.single_device_run(first, next_token_loss, params, batch, steps)
   assert abs(float(other[1]["S"]) / float(ref[1]["S"]) - 1) > 1e-3

@@ -16,7 +16,7 @@ STEPS = 9
 
 def _ebc():
   return ebc_optax.ellipsotope_budget_clip(
-      tiny_logits_fn, 0.003, update_every=2, probe_every=2)
+      tiny_logits_fn, 0.003, update_every=2, probe_every=2, controller="pi")
 
 
 def _run(tx, params, batch, bad_steps, skip_bad=False):
@@ -79,7 +79,7 @@ def test_nonfinite_probe_result_skips_the_step(tiny):
     return tiny_logits_fn(p, b["tokens"]) * b["scale"]
 
   tx = optax.chain(optax.sgd(0.5), ebc_optax.ellipsotope_budget_clip(
-      logits_fn, 0.003, update_every=1, probe_every=1))
+      logits_fn, 0.003, update_every=1, probe_every=1, controller="pi"))
   state = tx.init(params)
   grads = jax.grad(next_token_loss)(params, batch)
   for scale, skipped in ((1.0, 0), (jnp.nan, 1), (1.0, 1)):

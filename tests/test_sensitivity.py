@@ -59,7 +59,7 @@ def make_tx(target_kl=0.05, **kw):
   kw.setdefault("beta_ema", 0.0)
   kw.setdefault("probe_batch_size", None)  # brute force is on the whole batch
   kw.setdefault("safety", 1.0)
-  return ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, target_kl, **kw)
+  return ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, target_kl, **{"controller": "pi", **kw})
 
 
 @pytest.fixture(scope="module")

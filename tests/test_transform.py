@@ -29,6 +29,7 @@ def _train(tx, params, batch, steps, loss_fn=next_token_loss):
 
 def _ebc(**kw):
   kw.setdefault("target_kl", 0.01)
+  kw.setdefault("controller", "pi")
   return ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, **kw)
 
 

@@ -40,8 +40,8 @@ BAD_HYPERPARAMETERS = [
 @pytest.mark.parametrize("name,value,message", BAD_HYPERPARAMETERS)
 def test_bad_hyperparameter_raises_at_construction(name, value, message):
   with pytest.raises(ValueError, match=message):
-    ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, **{"target_kl": 0.05,
-                                                         name: value})
+    ebc_optax.ellipsotope_budget_clip(
+        tiny_logits_fn, **{"controller": "pi", "target_kl": 0.05, name: value})
 
 
 @pytest.mark.parametrize("kw,message", [
@@ -59,7 +59,7 @@ def test_logits_without_vocab_axis_raise_at_trace_time(tiny):
   _, params, batch, _ = tiny
   for bad_fn in (lambda p, b: jnp.sum(tiny_logits_fn(p, b)),
                  lambda p, b: tiny_logits_fn(p, b)[0, 0]):
-    tx = ebc_optax.ellipsotope_budget_clip(bad_fn, 0.05)
+    tx = ebc_optax.ellipsotope_budget_clip(bad_fn, 0.05, controller="pi")
     with pytest.raises(ValueError, match=r"\[\.\.\., vocab\]"):
       jax.jit(lambda u, s: tx.update(u, s, params, batch=batch))(
           params, tx.init(params))
@@ -68,14 +68,14 @@ def test_logits_without_vocab_axis_raise_at_trace_time(tiny):
 def test_labels_that_do_not_match_params_raise(tiny):
   _, params, batch, _ = tiny
   tx = ebc_optax.ellipsotope_budget_clip(
-      tiny_logits_fn, 0.05, layer_labels=lambda p: {"blocks": "x"})
+      tiny_logits_fn, 0.05, layer_labels=lambda p: {"blocks": "x"}, controller="pi")
   with pytest.raises(ValueError, match="structure"):
     tx.init(params)
 
 
 def test_state_from_other_params_raises(tiny):
   _, params, batch, _ = tiny
-  tx = ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, 0.05)
+  tx = ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, 0.05, controller="pi")
   state = tx.init(params)
   fewer = dict(params, blocks=params["blocks"][:1])
   with pytest.raises(ValueError, match="budgeted layers"):
@@ -85,7 +85,7 @@ def test_state_from_other_params_raises(tiny):
 def test_probe_batch_size_larger_than_batch_raises(tiny):
   _, params, batch, _ = tiny
   tx = ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, 0.05,
-                                         probe_batch_size=100)
+                                         probe_batch_size=100, controller="pi")
   with pytest.raises(ValueError, match=r"probe_batch_size=100"):
     tx.update(params, tx.init(params), params, batch=batch)
 

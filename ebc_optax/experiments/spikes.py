@@ -45,6 +45,7 @@ KINDS = tuple(k for k in bursts.BURST_KINDS if k != "none")
 # The arms of the suite by default: the study's peers (candidates included).
 RECOVERY_TOL = 0.02  # nats: "recovered" = within this of the no-burst run
 EARLY_OFFSET = 40  # steps after the burst of the table's first excess column
+EBC_PREFIXES = ("ebc", "fisher", "rel", "skip")  # arm names drawn solid
 
 
 def default_arms() -> list[str]:
@@ -215,6 +216,41 @@ def markdown(table: Sequence[dict[str, Any]], cfg) -> str:
   return "\n".join(lines) + "\n"
 
 
+def bar_b_markdown(table: Sequence[dict[str, Any]], limit: float = 0.05) -> str:
+  """Per arm, the peak damage over Adam's for every kind, against bar (b):
+  at most ``limit`` of Adam's on every kind (a diverged cell is a miss)."""
+  kinds = [k for k in KINDS if any(t["kind"] == k for t in table)]
+  cells = {(t["arm"], t["kind"]): t for t in table}
+  arms = sorted({t["arm"] for t in table if t["arm"] != "adam"})
+  lines = [f"Against bar (b): peak damage at most {limit:.0%} of Adam's on every "
+           "burst kind (peak over Adam's peak, mean over seeds):", "",
+           "| arm | " + " | ".join(kinds) + " | worst | meets (b) |",
+           "|---|" + "---|" * (len(kinds) + 2)]
+  for arm in arms:
+    ratios = []
+    for kind in kinds:
+      t = cells.get((arm, kind))
+      peak = None if t is None else t["peak"][0]
+      final = None if t is None else t["final_excess"][0]
+      if t is None:
+        ratios.append(None)
+      elif ((peak is not None and not math.isfinite(peak))
+            or (final is not None and not math.isfinite(final))):
+        ratios.append(math.inf)  # diverged
+      else:
+        ratios.append(t["peak_vs_adam"])
+    shown = ["—" if r is None else ("div." if not math.isfinite(r) else f"{r:.1%}")
+             for r in ratios]
+    known = [r for r in ratios if r is not None]
+    worst = max(known) if known else None
+    meets = ("—" if len(known) < len(kinds) else
+             "yes" if worst is not None and worst <= limit else "no")
+    worst_text = ("—" if worst is None else
+                  "div." if not math.isfinite(worst) else f"{worst:.1%}")
+    lines.append(f"| {arm} | " + " | ".join(shown) + f" | {worst_text} | {meets} |")
+  return "\n".join(lines) + "\n"
+
+
 def _n(x: float | None) -> str:
   return "—" if x is None else ("div." if not math.isfinite(x) else f"{x:.4f}")
 
@@ -248,7 +284,7 @@ def figure(out_dir: pathlib.Path, cfg, rows: Sequence[dict[str, Any]]
         xs = sorted(curves)
         ys = [float(np.mean(curves[x])) for x in xs]
         ax.plot(xs, ys, marker="o", ms=2.5, lw=1, label=arm, color=colors[arm],
-                ls="--" if not arm.startswith(("ebc", "fisher", "rel")) else "-")
+                ls="--" if not arm.startswith(EBC_PREFIXES) else "-")
     ax.axvspan(start, start + steps - 1, color="0.85", lw=0)
     ax.axhline(0, color="k", lw=0.5)
     ax.set_yscale("symlog", linthresh=0.01)
@@ -266,7 +302,8 @@ def figure(out_dir: pathlib.Path, cfg, rows: Sequence[dict[str, Any]]
 def spike_report(out_dir: pathlib.Path, cfg, rows: Sequence[dict[str, Any]]
                  ) -> dict[str, Any]:
   table = spike_table(cfg, rows)
-  (out_dir / "spikes.md").write_text("# Spike suite\n\n" + markdown(table, cfg))
+  (out_dir / "spikes.md").write_text(
+      "# Spike suite\n\n" + markdown(table, cfg) + "\n" + bar_b_markdown(table))
   (out_dir / "spikes.json").write_text(json.dumps(table, indent=2) + "\n")
   sweeps.write_tables(rows, out_dir, stem="spikes", results_stem="spike_runs")
   path = figure(out_dir, cfg, rows)

@@ -123,8 +123,8 @@ def peer_arms() -> list[StudyArm]:
   """Stage 2: the bases a user would pick instead of EBC, and EBC around each.
 
   Adam (no clipping), global-norm clipping before Adam, Prodigy, schedule-free
-  AdamW; EBC at its defaults (the seeds' recipe: L1 bound, PI controller,
-  guard) and the exact Fisher clip at ``δ = 0.01`` (the best fixed δ of the
+  AdamW; EBC at the seeds' recipe (L1 bound, PI controller, guard: the
+  library's defaults until this study) and the exact Fisher clip at ``δ = 0.01`` (the best fixed δ of the
   first study) around Adam and Prodigy, and the defaults around
   schedule-free; then the configurations that aim at needing no knob
   (:func:`candidate_arms`).
@@ -148,16 +148,20 @@ def peer_arms() -> list[StudyArm]:
 
 
 # The relative radius with the exact Fisher clip at the cheap cadence.
-_REL_FISHER = {"controller": "relative", "aggregate": "exact", "kl": "fisher",
-               "exact_every": 4, "probe_batch_size": 0.125}
+_REL_FISHER = {"controller": "relative", "overshoot": "scale",
+               "aggregate": "exact", "kl": "fisher", "exact_every": 4,
+               "probe_batch_size": 0.125}
 
 
 def candidate_arms() -> list[StudyArm]:
   """Configurations tested as the knob-free default: δ relative to the base's
   own steps (:func:`ebc_optax.relative_radius`, multiple 4, no knob set),
   with the default L1 bound and with the exact Fisher clip measured every
-  4th step, around Adam, the LR-free Prodigy and schedule-free AdamW."""
-  rel = {"controller": "relative"}
+  4th step, around Adam, the LR-free Prodigy and schedule-free AdamW; and
+  the relative radius refusing outlier steps (``overshoot="skip"``) instead
+  of cutting them back, around Adam and Prodigy."""
+  rel = {"controller": "relative", "overshoot": "scale"}
+  skip = {"controller": "relative", "overshoot": "skip"}
   return [
       StudyArm("rel_adam", _ebc(**rel), knob="none"),
       StudyArm("rel_fisher_adam", _ebc(**_REL_FISHER), knob="none"),
@@ -167,6 +171,9 @@ def candidate_arms() -> list[StudyArm]:
                knob="none", base="prodigy"),
       StudyArm("rel_schedule_free", _on("schedule_free", _ebc(**rel)),
                knob="none", base="schedule_free"),
+      StudyArm("skip_adam", _ebc(**skip), knob="none"),
+      StudyArm("skip_prodigy", _on("prodigy", _ebc(**skip)), knob="none",
+               base="prodigy"),
   ]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ebc_optax import _validation
+
 AGGREGATES = ("l1", "l2")
 OVERSHOOTS = ("scale", "skip")
 
@@ -54,7 +56,5 @@ def clip_scale(surrogate: jax.Array, radius: jax.Array,
   radius = jnp.asarray(radius, jnp.float32)
   if overshoot == "skip":
     return jnp.where(surrogate > radius, 0.0, 1.0).astype(jnp.float32)
-  if overshoot != "scale":
-    raise ValueError(
-        f"overshoot must be one of {OVERSHOOTS}; got {overshoot!r}.")
+  _validation.check_choice("overshoot", overshoot, OVERSHOOTS)
   return jnp.minimum(1.0, radius / jnp.maximum(surrogate, eps))

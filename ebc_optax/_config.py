@@ -33,7 +33,7 @@ class EBCConfig:
   radius's multiple and median window (see :func:`~ebc_optax.relative_radius`).
   """
   enable: bool = True
-  target_kl: float = 0.05
+  target_kl: float = _transform.DEFAULT_TARGET_KL
   update_every: int = 20
   probe_layers: int = 2
   beta_ema: float = 0.9
@@ -146,8 +146,8 @@ def transform_kwargs(
     raise ValueError(
         "ebc_controller must be one of ('pi', 'trust_region', 'relative', "
         f"'none'); got {cfg.controller!r}.")
-  default_target = EBCConfig.__dataclass_fields__["target_kl"].default
-  if cfg.controller == "relative" and cfg.target_kl != default_target:
+  if (cfg.controller == "relative"
+      and cfg.target_kl != _transform.DEFAULT_TARGET_KL):
     raise ValueError(
         f"ebc_target_kl={cfg.target_kl!r} is unused by ebc_controller="
         "'relative' (the default), which sets δ from the recent steps: set "

@@ -317,13 +317,13 @@ def kl_probe(
                                         ran) = jax.lax.cond(
         _is_probe_step(step, probe_every), probe, skip, operand)
     if controller is not None and controller.every_step:
-      # This step's c and S; the latest probe's KL, T and ρ.
-      last_ratio = jnp.where(promised > 0,
-                             change / jnp.where(promised > 0, promised, 1.0),
-                             jnp.nan).astype(jnp.float32)
+      # This step's c and S; the latest probe's KL, T and ρ (its c·S is
+      # ``promised``).
       measurement = _controller.ProbeMeasurement(
           applied_kl=applied_kl, applied_change=change, clip_scale=scale,
-          surrogate=surrogate, guard_ratio=last_ratio, interval=1)
+          surrogate=surrogate,
+          guard_ratio=_guard.guard_ratio(change, 1.0, promised, eps),
+          interval=1)
       ctrl_state, new_delta = controller.update(ctrl_state, measurement, delta,
                                                 target)
     return new_updates, KLProbeState(

@@ -10,8 +10,9 @@ steps, ``K_t = S_t²/4`` (nats/token in the estimator's metric; with
     δ_{t+1} = multiple · median(K_{t-window+1}, …, K_t)
 
 so a step whose predicted KL is more than ``multiple`` times the recent
-typical one — a corrupted batch, a gradient spike, an LR spike — is scaled
-back to that size, and every ordinary step passes untouched (``c = 1``).
+typical one — a corrupted batch, a gradient spike, an LR spike — is refused
+(``overshoot="skip"``, the default with this controller) or scaled back to
+that size (``"scale"``), and every ordinary step passes untouched (``c = 1``).
 
 Why a window median: a burst shorter than half the window cannot move it
 (fewer than half its entries are outliers), while a sustained change of the
@@ -19,7 +20,8 @@ step size — Prodigy's step growing by orders of magnitude while it estimates
 its learning rate, a warm-up, a decay — is followed with a lag of half a
 window. With ``window = 32`` and ``multiple = 4`` a step may grow by up to 9%
 in KL (4.4% in size) per step for ever without being clipped, and a burst of
-up to 15 steps (fewer than half the window) is cut. The first ``window`` steps only fill the window (not clipped).
+up to 15 steps (fewer than half the window) is caught. The first ``window``
+steps only fill the window (not clipped).
 
 It is a guard against outliers, not a step-size rule: an LR that is too large
 from the start makes every step large, the median with them, and nothing is

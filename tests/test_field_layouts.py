@@ -355,6 +355,37 @@ def test_jitted_step_on_every_layout(name):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
+@pytest.mark.parametrize("name,blocks", [
+    ("hf_gpt2", 3), ("llama", 32), ("linen_scan", 32), ("equinox", 3)])
+def test_default_refuses_an_outlier_step_on_other_layouts(name, blocks):
+  # The default (relative radius, refusing): after the 32-step window fills,
+  # ordinary SGD steps pass whole and one 30× step is refused whole.
+  build, stacked = LAYOUTS[name]
+  params, logits_fn, _ = build(num_blocks=blocks)
+  batch = tiny_batch(jax.random.PRNGKey(1))
+  tx = ebc_optax.wrap(optax.sgd(0.05), logits_fn, stacked=stacked)
+
+  def loss(p, tokens):
+    logp = jax.nn.log_softmax(logits_fn(p, tokens)[:, :-1])
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+
+  @jax.jit
+  def step(p, state, scale):
+    grads = jax.tree.map(lambda g: scale * g, jax.grad(loss)(p, batch))
+    updates, state = tx.update(grads, state, p, batch=batch)
+    return optax.apply_updates(p, updates), state
+
+  state, cs = tx.init(params), []
+  for t in range(40):
+    before = params
+    params, state = step(params, state, jnp.float32(30.0 if t == 36 else 1.0))
+    cs.append(float(ebc_optax.telemetry(state)["c"]))
+    if t == 36:
+      jax.tree.map(np.testing.assert_array_equal, params, before)
+  assert step._cache_size() == 1
+  assert cs[36] == 0.0 and all(c == 1.0 for i, c in enumerate(cs) if i != 36)
+
+
 # --- stacked vs unstacked ---------------------------------------------------------------
 
 def stacked_twin(params):

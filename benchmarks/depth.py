@@ -12,10 +12,17 @@ For the harness GPT at a small width (d 32, 2 heads, seq 32, batch 8, vocab
   * ``peak_mem``: XLA's peak buffer bytes of the compiled step;
   * ``step`` (``--time-depths`` only, at ``--time-width`` 128, the CPU
     config's width): mean step time over whole cadence
-    windows of ``full_sweep_every`` (200) steps — the round-robin refreshes,
-    probes and the full β sweep amortised as in training — with quartiles of
-    the per-round paired ratios; ``sweep_step``: the full-sweep step alone
-    (the first step of each window) over adam's median step.
+    windows of one sweep interval (``full_sweep_every="auto"``: 200 steps up
+    to 8 layers, 800 at 32) — the round-robin refreshes, probes and the full
+    β sweep amortised as in training — with quartiles of the per-round
+    paired ratios; ``sweep_step``: the full-sweep step alone (the first step
+    of each window) over adam's median step;
+  * ``--kinds-depths``: each kind of step of that cadence (plain,
+    round-robin refresh + probe, sweep + probe) at the CPU config's 2,048
+    tokens per step, timed in adjacent (Adam, EBC) pairs, and the window mean
+    they make;
+  * ``--compile-parts``: what each piece of EBC's step costs XLA to compile,
+    over Adam's whole step (the compile-time floor of an unrolled model).
 
 And, per depth (unrolled), the β-refresh kernels on the default probe rows
 (B/4), over one forward pass on the full batch: ``per_layer_jvp`` (the old
@@ -44,6 +51,7 @@ from flax import nnx
 
 import ebc_optax
 from ebc_optax import _layers
+from ebc_optax import _probe
 from ebc_optax import _sensitivity
 from ebc_optax.experiments import model as model_lib
 from ebc_optax.experiments import optim as optim_lib
@@ -56,7 +64,6 @@ MODES = {
     "trust_region": {"aggregate": "exact", "kl": "fisher",
                      "probe_batch_size": 0.125, "controller": "trust_region"},
 }
-WINDOW = 200  # full_sweep_every: one window holds every kind of step once
 
 
 class Problem:
@@ -109,16 +116,16 @@ def build(problem: Problem, mode) -> dict:
           "means": [], "sweeps": []}
 
 
-def time_window(arm: dict) -> None:
+def time_window(arm: dict, window: int) -> None:
   """One cadence window, each step timed on its own."""
   carry, times = arm["carry"], []
-  for _ in range(WINDOW):
+  for _ in range(window):
     t0 = time.perf_counter()
     carry = jax.block_until_ready(arm["step"](*carry))
     times.append(time.perf_counter() - t0)
   arm["carry"] = carry
   arm["means"].append(statistics.mean(times))
-  arm["sweeps"].append(times[0])  # ebc_step % 200 == 0 after the warm-up window
+  arm["sweeps"].append(times[0])  # a sweep step after the warm-up window
   arm.setdefault("medians", []).append(statistics.median(times))
 
 
@@ -128,12 +135,14 @@ def arms_table(depth: int, scanned: bool, rounds: int, timed: bool,
   arms = {"adam": build(problem, None)}
   arms.update({name: build(problem, mode) for name, mode in MODES.items()})
   if timed:
+    window = _sensitivity.sweep_interval("auto", len(ebc_optax.budget_layers(
+        problem.params, stacked=problem.stacked)))
     for arm in arms.values():  # warm-up window: the next one starts on a sweep
-      time_window(arm)
+      time_window(arm, window)
       arm["means"], arm["sweeps"], arm["medians"] = [], [], []
     for _ in range(rounds):
       for arm in arms.values():  # interleaved
-        time_window(arm)
+        time_window(arm, window)
   base = arms["adam"]
   rows = []
   for name in MODES:
@@ -162,45 +171,69 @@ def at_step(state, step: int):
       state, is_leaf=lambda x: isinstance(x, ebc_optax.BudgetClipState))
 
 
-# Steps of one cadence window (full_sweep_every = 200, update_every =
-# probe_every = 20): 190 plain steps, 9 with a round-robin refresh and a
-# probe, 1 with the full sweep and a probe. Counter values that select each.
-KIND_STEPS = {"plain": 201, "refresh+probe": 220, "sweep+probe": 400}
-KIND_COUNTS = {"plain": 190, "refresh+probe": 9, "sweep+probe": 1}
+def kind_steps(num_layers: int) -> tuple[dict[str, int], dict[str, int]]:
+  """Counter values that select each kind of step of the default cadence,
+  and how many of each one sweep interval holds (update_every = probe_every
+  = 20, the sweep every ``sweep_interval("auto", L)`` steps: 200 up to 8
+  layers, 800 at 32)."""
+  every = _sensitivity.sweep_interval("auto", num_layers)
+  steps = {"plain": every + 1, "refresh+probe": every + 20,
+           "sweep+probe": 2 * every}
+  counts = {"plain": every - every // 20, "refresh+probe": every // 20 - 1,
+            "sweep+probe": 1}
+  return steps, counts
+
+
+def _one_step(arm: dict, counter: int | None) -> float:
+  params, state = arm["carry"]
+  if counter is not None:
+    state = at_step(state, counter)
+  t0 = time.perf_counter()
+  arm["carry"] = jax.block_until_ready(arm["step"](params, state))
+  return time.perf_counter() - t0
 
 
 def step_kinds_table(depth: int, scanned: bool, width: int, batch: int,
                      seq: int, rounds: int, reps: int) -> list[str]:
-  """Each kind of step of the default cadence timed on its own, interleaved
-  with Adam's step, and the window's mean from the kinds' medians."""
+  """Each kind of step of the default cadence over Adam's step, timed in
+  adjacent pairs (an Adam step, then an EBC step of that kind; the order
+  alternates), so the machine's drift cancels in each pair's ratio. Per
+  kind: the median of the paired ratios (``reps`` pairs per round for the
+  plain step, a third as many for the others); the window mean weights the
+  kinds as one sweep interval holds them, with the quartiles of the
+  per-round window means."""
   problem = Problem(depth, scanned, width, batch, seq, heads=4)
   arms = {"adam": build(problem, None), "default": build(problem, {})}
-  times: dict[tuple[str, str], list[float]] = {}
-  for _ in range(rounds + 1):  # the first round warms up and is dropped
-    for name, arm in arms.items():
-      for kind, k in (KIND_STEPS.items() if name != "adam" else [("step", 0)]):
-        params, state = arm["carry"]
-        out = []
-        for _ in range(reps):
-          t0 = time.perf_counter()
-          params, state = jax.block_until_ready(
-              arm["step"](params, at_step(state, k) if k else state))
-          out.append(time.perf_counter() - t0)
-        arm["carry"] = (params, state)
-        times.setdefault((name, kind), []).append(statistics.median(out))
-  for key in times:
-    times[key] = times[key][1:]
-  adam = statistics.median(times[("adam", "step")])
-  kinds = {kind: statistics.median(times[("default", kind)]) / adam
-           for kind in KIND_STEPS}
-  window = sum(KIND_COUNTS[k] * kinds[k] for k in kinds) / sum(KIND_COUNTS.values())
-  # Per-round amortised ratios, for their spread.
-  per_round = [sum(KIND_COUNTS[k] * times[("default", k)][r] for k in KIND_STEPS)
-               / sum(KIND_COUNTS.values()) / times[("adam", "step")][r]
-               for r in range(rounds)]
-  q = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
+  layers = len(ebc_optax.budget_layers(problem.params, stacked=problem.stacked))
+  steps, counts = kind_steps(layers)
+  for kind, k in steps.items():  # warm-up
+    _one_step(arms["adam"], None), _one_step(arms["default"], k)
+  ratios = {(r, kind): [] for r in range(rounds) for kind in steps}
+  adam_times = []
+  for r in range(rounds):
+    for kind, k in steps.items():
+      for i in range(reps if kind == "plain" else max(3, reps // 3)):
+        if i % 2:
+          t_e = _one_step(arms["default"], k)
+          t_a = _one_step(arms["adam"], None)
+        else:
+          t_a = _one_step(arms["adam"], None)
+          t_e = _one_step(arms["default"], k)
+        ratios[(r, kind)].append(t_e / t_a)
+        adam_times.append(t_a)
+  total = sum(counts.values())
+  kinds = {kind: statistics.median(
+      [x for r in range(rounds) for x in ratios[(r, kind)]]) for kind in steps}
+  plain_q = statistics.quantiles(
+      [x for r in range(rounds) for x in ratios[(r, "plain")]], n=4)
+  window = sum(counts[k] * kinds[k] for k in steps) / total
+  per_round = [sum(counts[k] * statistics.median(ratios[(r, k)]) for k in steps)
+               / total for r in range(rounds)]
+  q = statistics.quantiles(per_round, n=4) if rounds > 1 else per_round * 3
   return [f"{depth},{width},{batch}x{seq},{'scanned' if scanned else 'unrolled'},"
-          f"{1e3 * adam:.1f},{kinds['plain']:.3f},{kinds['refresh+probe']:.3f},"
+          f"{layers},{steps['sweep+probe'] // 2},"
+          f"{1e3 * statistics.median(adam_times):.1f},{kinds['plain']:.3f},"
+          f"{plain_q[0]:.3f},{plain_q[-1]:.3f},{kinds['refresh+probe']:.3f},"
           f"{kinds['sweep+probe']:.3f},{window:.3f},{q[0]:.3f},{q[-1]:.3f}"]
 
 
@@ -231,11 +264,7 @@ def refresh_costs(depth: int, rounds: int) -> str:
         apply_fn, lv, treedef, idx, [updates[i] for i in idx], b)
 
   def masked(lv, b, layer):
-    def f(sub):
-      full = list(lv)
-      for i, v in zip(sub_idx, sub):
-        full[i] = v
-      return apply_fn(jax.tree.unflatten(treedef, full), b)
+    f = _sensitivity._logits_of(apply_fn, lv, treedef, sub_idx, b)
     return jax.jvp(f, ([lv[i] for i in sub_idx],),
                    (_sensitivity.masked_direction(updates, part, weights(layer)),))[1]
 
@@ -264,6 +293,65 @@ def refresh_costs(depth: int, rounds: int) -> str:
   return f"{depth}," + ",".join(f"{statistics.median(v):.2f}" for v in out.values())
 
 
+def compile_parts(depth: int, rounds: int) -> str:
+  """Compile time of each piece of EBC's default step, over Adam's step
+  (unrolled, d 32, B/4 probe rows; min over ``rounds`` fresh compiles)."""
+  problem = Problem(depth, scanned=False)
+  params, apply_fn = problem.params, problem.fns.apply_fn
+  rows = problem.inputs[::4]
+  part = _layers.partition_layers(params)
+  leaves, treedef = jax.tree.flatten(params)
+  num_layers, idx = len(part.labels), part.budgeted_leaves
+
+  def on_sub(lv):
+    return _sensitivity._logits_of(apply_fn, lv, treedef, idx, rows)
+
+  def mask(upd, n):
+    return _sensitivity.masked_direction(
+        upd, part, jnp.where(jnp.arange(num_layers) == n, 1.0, 0.0))
+
+  def adam(lv, upd, n):
+    del upd, n
+    p = jax.tree.unflatten(treedef, lv)
+    tx = optax.adam(1e-3)
+    u, _ = tx.update(jax.grad(problem.loss)(p), tx.init(p), p)
+    return optax.apply_updates(p, u)
+
+  def forward(lv, upd, n):
+    return apply_fn(jax.tree.unflatten(treedef, lv), rows)
+
+  def probe(lv, upd, n):  # the probe's two forwards, one lax.map
+    return _probe._before_and_after(
+        apply_fn, jax.tree.unflatten(treedef, lv),
+        jax.tree.unflatten(treedef, upd), rows)
+
+  def jvp(lv, upd, n):
+    return jax.jvp(on_sub(lv), ([lv[i] for i in idx],), ([upd[i] for i in idx],))
+
+  def masked_jvp(lv, upd, n):
+    return jax.jvp(on_sub(lv), ([lv[i] for i in idx],), (mask(upd, n),))
+
+  def refresh(lv, upd, n):  # what a β refresh compiles: linearize, loop, cond
+    def run():
+      change = _sensitivity.layer_change_fn(apply_fn, lv, treedef, part, rows)
+      return jax.lax.fori_loop(0, n, lambda j, a: a + jnp.sum(
+          jnp.square(change(mask(upd, j), 1.0)[1])), 0.0)
+    return jax.lax.cond(n > 0, run, lambda: 0.0)
+
+  pieces = {"adam_step": adam, "forward": forward, "probe": probe, "jvp": jvp,
+            "masked_jvp": masked_jvp, "refresh": refresh}
+  secs = {name: [] for name in list(pieces) + ["ebc_step"]}
+  for _ in range(rounds):
+    for name, fn in pieces.items():
+      t0 = time.perf_counter()
+      jax.jit(lambda a, b, c, fn=fn: fn(a, b, c)).lower(leaves, leaves, 2).compile()
+      secs[name].append(time.perf_counter() - t0)
+    secs["ebc_step"].append(build(problem, {})["compile_s"])
+  adam_s = min(secs["adam_step"])
+  return f"{depth},{1e3 * adam_s:.0f}," + ",".join(
+      f"{min(v) / adam_s:.2f}" for k, v in secs.items() if k != "adam_step")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--depths", type=int, nargs="*", default=[2, 4, 8, 16, 32, 64])
@@ -284,12 +372,18 @@ def main():
   parser.add_argument("--kinds-batch", type=int, default=16)
   parser.add_argument("--kinds-seq", type=int, default=128,
                       help="with --kinds-batch: the CPU config's 2,048 tokens per step")
-  parser.add_argument("--kinds-reps", type=int, default=5)
+  parser.add_argument("--kinds-reps", type=int, default=30,
+                      help="adjacent (Adam, EBC) pairs per round for the plain "
+                           "step; a third as many for the other kinds")
+  parser.add_argument("--compile-parts", type=int, nargs="*", default=[],
+                      help="depths (unrolled) whose compile time is split into "
+                           "EBC's pieces (default none)")
   args = parser.parse_args()
   print(f"# machine: {platform.machine()} {platform.processor() or ''}, "
         f"{jax.device_count()} x {jax.devices()[0].platform}, jax {jax.__version__}; "
         f"GPT d {D}, {HEADS} heads, seq {SEQ}, batch {BATCH}, vocab {VOCAB}; "
-        f"{args.rounds} interleaved rounds of {WINDOW}-step windows")
+        f"{args.rounds} interleaved rounds of one sweep interval "
+        f"(200 steps up to 8 layers, 200·⌈L/8⌉ beyond)")
   print("blocks,d_embed,layout,mode,program_vs_adam,compile_vs_adam,peak_mem_vs_adam,"
         "step_vs_adam,p25,p75,sweep_step_vs_adam_step,adam_compile_ms,adam_program_chars")
   runs = [(d, D, False) for d in args.depths] + [
@@ -302,10 +396,11 @@ def main():
                             width):
         print(row, flush=True)
   if args.kinds_depths:
-    print(f"# default cadence by step kind, over adam's step: median of "
-          f"{args.kinds_reps} steps per kind and round, {args.rounds} rounds")
-    print("blocks,d_embed,tokens,layout,adam_step_ms,plain,refresh+probe,"
-          "sweep+probe,window_mean,p25,p75")
+    print(f"# default cadence by step kind, over adam's step: median of paired "
+          f"ratios, {args.kinds_reps} pairs per round for the plain step, "
+          f"{max(3, args.kinds_reps // 3)} for the others, {args.rounds} rounds")
+    print("blocks,d_embed,tokens,layout,layers,sweep_every,adam_step_ms,plain,"
+          "plain_p25,plain_p75,refresh+probe,sweep+probe,window_mean,p25,p75")
     for depth in args.kinds_depths:
       for layout in args.layouts:
         if layout == "unrolled" and depth > args.unrolled_max:
@@ -314,6 +409,12 @@ def main():
                                     args.kinds_batch, args.kinds_seq,
                                     args.rounds, args.kinds_reps):
           print(row, flush=True)
+  if args.compile_parts:
+    print("# compile time of each piece over adam's step (unrolled, d 32, "
+          f"B/4 rows; min of {args.rounds} compiles)")
+    print("blocks,adam_compile_ms,forward,probe,jvp,masked_jvp,refresh,ebc_step")
+    for depth in args.compile_parts:
+      print(compile_parts(depth, args.rounds), flush=True)
   if args.refresh_depths:
     print("# beta refresh on B/4 rows, over one full-batch forward (unrolled)")
     print("blocks,per_layer_jvp,masked_jvp,linearize_1,linearize_2,sweep")

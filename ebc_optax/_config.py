@@ -41,7 +41,7 @@ class EBCConfig:
   aggregate: str = "l1"
   center_logits: bool = True
   include_embed_out: bool = False
-  full_sweep_every: int = 200
+  full_sweep_every: int | str | None = "auto"
   sensitivity: str = "jvp"
   huber_ratio: float = 4.0
   fd_step: float = 1e-2

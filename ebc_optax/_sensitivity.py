@@ -28,6 +28,10 @@ from ebc_optax import _validation
 
 LogitsFn = Callable[[Any, Any], jax.Array]
 SENSITIVITY_METHODS = ("jvp", "fd")
+# ``full_sweep_every="auto"``: a full sweep every SWEEP_EVERY steps per
+# SWEEP_LAYERS budgeted layers, so its amortised cost does not grow with depth.
+SWEEP_EVERY = 200
+SWEEP_LAYERS = 8
 
 
 class SensitivityState(NamedTuple):
@@ -57,6 +61,39 @@ def layer_norms(update_leaves: Sequence[jax.Array],
                 partition: _layers.LayerPartition) -> jax.Array:
   """``[L]`` float32 Frobenius norms ``‖ΔW_ℓ‖`` of each budgeted layer (slice)."""
   return _layers.layer_norms(update_leaves, partition)
+
+
+def sweep_interval(full_sweep_every: int | str | None,
+                   num_layers: int) -> int | jax.Array | None:
+  """Steps between full β sweeps for ``num_layers`` budgeted layers.
+
+  ``"auto"`` (the default) is ``200 · ⌈L / 8⌉``: every 200 steps up to 8
+  layers — the seeds' cadence, for the seeds' models — and proportionally
+  less often beyond, so a sweep (one tangent pass per layer) costs the same
+  share of training at 64 blocks as at 8 (``benchmarks/RESULTS.md``: at 32
+  blocks a sweep is ≈ 4.4 Adam steps). Between sweeps the round-robin
+  refresh still visits every layer every ``update_every · ⌈L / k⌉`` steps.
+  An int (or None/0: no periodic sweep) is used as given.
+
+  Example:
+    >>> sweep_interval("auto", 3), sweep_interval("auto", 32), sweep_interval(50, 32)
+    (200, 800, 50)
+  """
+  if isinstance(full_sweep_every, str):
+    return SWEEP_EVERY * max(1, -(-num_layers // SWEEP_LAYERS))
+  return full_sweep_every
+
+
+def check_full_sweep_every(value: Any) -> None:
+  """``"auto"``, None or an int ``>= 0`` (a tracer passes)."""
+  if isinstance(value, str):
+    if value != "auto":
+      raise ValueError(
+          f"full_sweep_every must be 'auto' or an int >= 0 (0/None: no "
+          f"periodic sweep); got the string {value!r}.")
+    return
+  _validation.check_number("full_sweep_every", value, lo=0, integer=True,
+                           allow_none=True)
 
 
 def check_float_leaves(param_leaves: Sequence[Any],
@@ -288,7 +325,7 @@ def sensitivity_estimator(
     sensitivity: str = "jvp",
     update_every: int = 20,
     probe_layers: int = 2,
-    full_sweep_every: int | None = 200,
+    full_sweep_every: int | str | None = "auto",
     beta_ema: float = 0.9,
     huber_ratio: float = 4.0,
     safety: float = 1.05,
@@ -303,9 +340,9 @@ def sensitivity_estimator(
 
   Refresh schedule (``step`` counts the updates that were applied so far):
 
-  * every layer when ``step % full_sweep_every == 0`` (this includes the first
-    update) or when some layer with a non-zero update has never been measured —
-    no step runs with an unmeasured ``β``;
+  * every layer when ``step % sweep_interval(full_sweep_every, L) == 0``
+    (this includes the first update) or when some layer with a non-zero
+    update has never been measured — no step runs with an unmeasured ``β``;
   * otherwise ``probe_layers`` layers, round-robin, when
     ``step % update_every == 0``;
   * layers whose update is exactly zero are skipped (their ``β`` is kept).
@@ -318,7 +355,8 @@ def sensitivity_estimator(
     sensitivity: ``"jvp"`` or ``"fd"``.
     update_every: steps between round-robin refreshes (>= 1).
     probe_layers: layers per round-robin refresh (>= 1).
-    full_sweep_every: steps between full sweeps (``None``/0: only the first).
+    full_sweep_every: steps between full sweeps (``None``/0: only the
+      first); ``"auto"``: 200 per 8 budgeted layers (:func:`sweep_interval`).
     beta_ema: EMA decay in ``[0, 1)``; 0 uses each fresh estimate as is.
     huber_ratio: a fresh estimate is clipped to within this factor of the EMA.
     safety: multiplier (>= 1 is conservative) applied to the smoothed ``β``.
@@ -342,8 +380,7 @@ def sensitivity_estimator(
   _validation.check_choice("sensitivity", sensitivity, SENSITIVITY_METHODS)
   _validation.check_number("update_every", update_every, lo=1, integer=True)
   _validation.check_number("probe_layers", probe_layers, lo=1, integer=True)
-  _validation.check_number("full_sweep_every", full_sweep_every, lo=0,
-                           integer=True, allow_none=True)
+  check_full_sweep_every(full_sweep_every)
   _validation.check_number("beta_ema", beta_ema, lo=0, hi=1, hi_open=True)
   _validation.check_number("huber_ratio", huber_ratio, lo=1)
   _validation.check_number("safety", safety, lo=0, lo_open=True)
@@ -392,8 +429,9 @@ def sensitivity_estimator(
     active = norms > 0
     unmeasured = jnp.any(jnp.logical_and(active, ~state.beta_measured))
     full = unmeasured
-    if full_sweep_every is not None:  # may be a tracer (inject_hyperparams)
-      sweep = jnp.asarray(full_sweep_every, jnp.int32)
+    every = sweep_interval(full_sweep_every, num_layers)
+    if every is not None:  # may be a tracer (inject_hyperparams)
+      sweep = jnp.asarray(every, jnp.int32)
       full = jnp.logical_or(
           full, jnp.logical_and(sweep > 0, step % jnp.maximum(sweep, 1) == 0))
     round_robin = step % jnp.asarray(update_every, jnp.int32) == 0

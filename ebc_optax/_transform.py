@@ -31,7 +31,7 @@ def ellipsotope_budget_clip(
     *,
     update_every: int = 20,
     probe_layers: int = 2,
-    full_sweep_every: int | None = 200,
+    full_sweep_every: int | str | None = "auto",
     beta_ema: float = 0.9,
     safety: float = 1.05,
     aggregate: str = "l1",
@@ -102,7 +102,9 @@ def ellipsotope_budget_clip(
     update_every: steps between round-robin ``β`` refreshes (>= 1).
     probe_layers: layers per refresh (>= 1).
     full_sweep_every: steps between full ``β`` sweeps (>= 0; 0/None: only the
-      first update and never-measured layers).
+      first update and never-measured layers); ``"auto"`` (the default):
+      200 per 8 budgeted layers, ``200·⌈L/8⌉`` — the seeds' 200 up to 8
+      layers, and a sweep's share of the steps that does not grow with depth.
     beta_ema: ``β`` EMA decay in ``[0, 1)``.
     safety: multiplier on ``β`` (> 0).
     aggregate: ``"l1"`` (``Σ s_ℓ``), ``"l2"`` (``√L·‖s‖₂``) or ``"exact"``

@@ -362,6 +362,43 @@ def test_periodic_full_sweeps():
   _check_refreshes(betas, ups, jacs, expected, 6, 11)
 
 
+def test_sweep_interval_auto_is_200_per_8_layers():
+  got = [_sensitivity.sweep_interval("auto", n) for n in (1, 3, 8, 9, 16, 32, 64)]
+  assert got == [200, 200, 200, 400, 400, 800, 1600]
+  assert _sensitivity.sweep_interval(50, 64) == 50
+  assert _sensitivity.sweep_interval(None, 64) is None
+
+
+@pytest.mark.parametrize("num_blocks,swept_at", [(8, (200, 400)), (9, (400,))])
+def test_auto_full_sweep_comes_every_200_steps_per_8_layers(num_blocks, swept_at):
+  """The default sweep cadence: at 8 layers steps 200 and 400 sweep, at 9
+  layers only 400 (200·⌈9/8⌉); the round-robin is kept out of the way."""
+  params = tiny_params(jax.random.PRNGKey(7), num_blocks=num_blocks)
+  batch = tiny_batch(jax.random.PRNGKey(8), batch=2, seq=3)
+  tx = make_tx(0.05, update_every=1000, probe_layers=1, probe_every=0,
+               beta_ema=0.5)
+  update = jax.jit(tx.update)
+  grads = random_like(jax.random.PRNGKey(9), params)
+  _, state = update(grads, tx.init(params), params, batch=batch)
+  first = np.asarray(ebc_optax.telemetry(state)["beta"])
+  assert np.all(first > 0)
+
+  def at(state, step):  # EBC's step counter set to ``step``
+    return jax.tree.map(
+        lambda x: x._replace(ebc_step=jnp.asarray(step, jnp.int32))
+        if isinstance(x, ebc_optax.BudgetClipState) else x, state,
+        is_leaf=lambda x: isinstance(x, ebc_optax.BudgetClipState))
+
+  other = random_like(jax.random.PRNGKey(10), params)  # a new direction
+  for step in (200, 400):
+    _, after = update(other, at(state, step), params, batch=batch)
+    beta = np.asarray(ebc_optax.telemetry(after)["beta"])
+    if step in swept_at:
+      assert np.all(beta != first), step
+    else:
+      np.testing.assert_array_equal(beta, first)
+
+
 # ---------------------------------------------------------------------------
 # (f) zero-norm layers
 # ---------------------------------------------------------------------------

@@ -33,7 +33,7 @@ BAD_HYPERPARAMETERS = [
     ("beta_ema", b"0.9", "beta_ema must be a number, not a string"),
     ("probe_batch_size", "0.25", "probe_batch_size must be a number, not a string"),
     ("exact_every", "4", "exact_every must be a number, not a string"),
-    ("full_sweep_every", "200", "full_sweep_every must be a number, not a string"),
+    ("full_sweep_every", "200", "full_sweep_every must be .auto. or an int"),
 ]
 
 

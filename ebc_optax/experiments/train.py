@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 
 import ebc_optax
+from ebc_optax import _sensitivity
 from ebc_optax.experiments import bursts
 from ebc_optax.experiments import config as config_lib
 from ebc_optax.experiments import data as data_lib
@@ -362,11 +363,14 @@ def train(
     return (step % cfg.train.eval_interval == 0 or step == steps - 1
             or step in eval_steps)
 
+  sweep_every = _sensitivity.sweep_interval(cfg.ebc.full_sweep_every,
+                                             len(run.layers))
+
   def cadence_step(ebc_step: int) -> bool:
     e = cfg.ebc
     return use_ebc and (ebc_step % e.update_every == 0
                         or (e.probe_every and ebc_step % e.probe_every == 0)
-                        or (e.full_sweep_every and ebc_step % e.full_sweep_every == 0))
+                        or (sweep_every and ebc_step % sweep_every == 0))
 
   def handle(step: int, metrics: Any, params_after: Any,
              state_after: Any) -> bool:

@@ -134,7 +134,7 @@ def test_diverging_run_is_marked_and_the_sweep_continues(tmp_path):
 def test_ablate_prints_the_reference_columns(tmp_path, capsys):
   assert cli.main(["ablate", "--steps", "3", "--out", str(tmp_path),
                    "--set", "model.d_embed=16", "--set", "model.num_heads=2",
-                   "--set", "model.seq_len=16"]) == 0
+                   "--set", "model.seq_len=16", "--set", "model.num_blocks=1"]) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   assert lines[0].startswith("optimizer,ebc,spectral,final_loss,final_acc,ebc_c")
   rows = [l.split(",") for l in lines[1:]]

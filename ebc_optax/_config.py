@@ -30,7 +30,8 @@ class EBCConfig:
   gains and clamp (see :func:`~ebc_optax.pi_controller`), the ``tr_*`` fields
   the trust-region controller's thresholds, factors and clamp (see
   :func:`~ebc_optax.trust_region_radius`), the ``rel_*`` fields the relative
-  radius's multiple and median window (see :func:`~ebc_optax.relative_radius`).
+  radius's multiple, level window, trend length and noise margin (see
+  :func:`~ebc_optax.relative_radius`).
   """
   enable: bool = True
   target_kl: float = _transform.DEFAULT_TARGET_KL
@@ -49,7 +50,7 @@ class EBCConfig:
   kl: str = "bound"
   exact_every: int = 1
   controller: str = "relative"
-  guard: bool = True
+  guard: bool | None = None
   probe_every: int = 20
   pi_kp: float = 0.15
   pi_ki: float = 0.02
@@ -64,6 +65,8 @@ class EBCConfig:
   tr_delta_max: float = 1.0
   rel_multiple: float = 4.0
   rel_window: int = 32
+  rel_trend: int = 12
+  rel_z: float = 4.0
   overshoot: str | None = None
   stacked: tuple[str, ...] | None = None
   eps: float = 1e-12
@@ -164,8 +167,9 @@ def transform_kwargs(
         shrink_factor=cfg.tr_shrink_factor, grow_factor=cfg.tr_grow_factor,
         delta_min=cfg.tr_delta_min, delta_max=cfg.tr_delta_max)
   elif cfg.controller == "relative":
-    controller = _relative.relative_radius(multiple=cfg.rel_multiple,
-                                           window=cfg.rel_window)
+    controller = _relative.relative_radius(
+        multiple=cfg.rel_multiple, window=cfg.rel_window,
+        trend=cfg.rel_trend, z=cfg.rel_z)
   return dict(
       # The relative radius has no target (a given one is an error there).
       target_kl=None if cfg.controller == "relative" else cfg.target_kl,

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ebc_optax import _aggregate
 from ebc_optax import _clip
 from ebc_optax import _controller
 from ebc_optax import _guard
@@ -38,10 +39,15 @@ class KLProbeState(NamedTuple):
     next_radius_factor: float32, the guard's factor on ``τ`` passed down at
       the next step (1 without the guard).
     applied_kl: float32, applied per-token KL at the last probe.
-    applied_change: float32, ``T`` at the last probe.
+    applied_change: float32, ``T`` at the last probe (every leaf's change).
+    budgeted_change: float32, ``T_b`` at the last probe: the change made by
+      the budgeted leaves alone — what ``S`` bounds, so the guard's ratio is
+      ``ρ = T_b / (c·S)`` (equal to ``T`` when every leaf is budgeted).
     predicted_change: float32, ``c·S`` at the last probe: what the surrogate
-      promised for the clipped step (0 when it promised nothing, ``c·S <=
-      eps``; the guard ratio ``ρ = T / (c·S)`` is then undefined).
+      promised for the probed step (0 when it promised nothing, ``c·S <=
+      eps``; ``ρ`` is then undefined). On a refused step (``c = 0``) the
+      probe measures the step at the radius, ``c = min(1, τ/S)``, so ``ρ`` is
+      defined there too.
     probe_count: int32, probes run so far.
   """
   clip_state: Any
@@ -51,6 +57,7 @@ class KLProbeState(NamedTuple):
   next_radius_factor: jax.Array
   applied_kl: jax.Array
   applied_change: jax.Array
+  budgeted_change: jax.Array
   predicted_change: jax.Array
   probe_count: jax.Array
 
@@ -74,40 +81,68 @@ def measure_applied_change(
   The shadow parameters are ``optax.apply_updates(params, updates)``, exactly
   what the training step will apply.
   """
-  _logits.check_logits(jax.eval_shape(logits_fn, params, batch))
-  z, z_new = _before_and_after(logits_fn, params, updates, batch)
-  return _change_and_kl(z, z_new, center_logits, kl, axis_name)
+  change, applied_kl, _ = _measure(logits_fn, params, updates, batch, None,
+                                   center_logits, kl, axis_name)
+  return change, applied_kl
 
 
-def _before_and_after(fn: Callable[[Any], Any], params: Any, updates: Any,
-                      batch: Any) -> tuple[Any, Any]:
-  """``fn(params, batch)`` and ``fn(params + updates, batch)``, in that order.
+def _measure(logits_fn: Callable[[Any, Any], jax.Array], params: Any,
+             updates: Any, batch: Any, budgeted: tuple[bool, ...] | None,
+             center_logits: bool, kl: str, axis_name: _logits.AxisName
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(T, KL, T_b)``: ``T_b`` is the change of the step restricted to the
+  leaves flagged in ``budgeted`` (``T`` itself when None or all flagged)."""
+  _logits.check_logits(jax.eval_shape(logits_fn, params, batch), batch=batch)
+  partial = budgeted is not None and not all(budgeted)
+  outs = _at_points(logits_fn, params, updates, batch,
+                    (None, budgeted) if partial else (None,))
+  change, applied_kl = _change_and_kl(outs[0], outs[1], center_logits, kl,
+                                      axis_name)
+  if not partial:
+    return change, applied_kl, change
+  budgeted_change, _ = _change_and_kl(outs[0], outs[2], center_logits, kl,
+                                      axis_name, with_kl=False)
+  return change, applied_kl, budgeted_change
 
-  The two evaluations are the two iterations of one ``lax.map``, so the
-  compiled step holds one copy of ``fn`` (not two), and one shadow copy of the
-  parameters is built per iteration. The second point is ``params + updates``
-  cast to each leaf's dtype — what ``optax.apply_updates`` and so the training
-  step apply; the first is ``params`` itself (selected, not ``params + 0·u``).
+
+def _at_points(fn: Callable[[Any, Any], Any], params: Any, updates: Any,
+               batch: Any, masks: tuple[tuple[bool, ...] | None, ...]
+               ) -> list[Any]:
+  """``fn`` at ``params`` and at ``params + updates`` restricted to each mask.
+
+  Returns ``[fn(W), fn(W + u|mask_1), fn(W + u|mask_2), ...]`` (a mask is a
+  per-leaf tuple of bools, None for every leaf). The evaluations are the
+  iterations of one ``lax.map``, so the compiled step holds one copy of
+  ``fn`` (not one per point), and one shadow copy of the parameters is built
+  per iteration. A moved point is ``params + updates`` cast to each leaf's
+  dtype — what ``optax.apply_updates`` and so the training step apply; the
+  first point is ``params`` itself (selected, not ``params + 0·u``).
   """
-  def at(i):
-    point = jax.tree.map(
-        lambda w, u: jnp.where(i == 0, w, jnp.asarray(w + u).astype(w.dtype)),
-        params, updates)
-    return fn(point, batch)
+  leaves, treedef = jax.tree.flatten(params)
+  deltas = treedef.flatten_up_to(updates)
 
-  out = jax.lax.map(at, jnp.arange(2))
-  return jax.tree.map(lambda x: x[0], out), jax.tree.map(lambda x: x[1], out)
+  def at(i):
+    point = []
+    for k, (w, u) in enumerate(zip(leaves, deltas)):
+      # The points at which this leaf moves, as a constant table: one select.
+      moves = jnp.asarray([False] + [m is None or m[k] for m in masks])
+      point.append(jnp.where(moves[i], jnp.asarray(w + u).astype(w.dtype), w))
+    return fn(jax.tree.unflatten(treedef, point), batch)
+
+  out = jax.lax.map(at, jnp.arange(len(masks) + 1))
+  return [jax.tree.map(lambda x, j=j: x[j], out) for j in range(len(masks) + 1)]
 
 
 def _change_and_kl(z: jax.Array, z_new: jax.Array, center_logits: bool,
-                   kl: str, axis_name: _logits.AxisName
-                   ) -> tuple[jax.Array, jax.Array]:
+                   kl: str, axis_name: _logits.AxisName, with_kl: bool = True
+                   ) -> tuple[jax.Array, jax.Array | None]:
   """``(T, KL)`` from the logits before and after the step."""
   z32 = z.astype(jnp.float32)
   change = _logits.per_token_change_norm(
       z_new.astype(jnp.float32) - z32, z32, kl=kl, center=center_logits,
       axis_name=axis_name)
-  return change, _logits.per_token_kl(z, z_new, axis_name)
+  return change, (_logits.per_token_kl(z, z_new, axis_name) if with_kl
+                  else None)
 
 
 def measure_loss_change(
@@ -130,13 +165,26 @@ def measure_loss_change(
   space. Losses are ``loss_fn(logits, batch)`` (a mean), averaged over the
   replicas of ``axis_name``.
   """
-  _logits.check_logits(jax.eval_shape(logits_fn, params, batch))
+  change, applied_kl, _, actual, predicted = _measure_loss(
+      logits_fn, loss_fn, params, updates, batch, None, center_logits, kl,
+      axis_name)
+  return change, applied_kl, actual, predicted
+
+
+def _measure_loss(logits_fn: Callable[[Any, Any], jax.Array],
+                  loss_fn: Callable[[jax.Array, Any], jax.Array], params: Any,
+                  updates: Any, batch: Any, budgeted: tuple[bool, ...] | None,
+                  center_logits: bool, kl: str, axis_name: _logits.AxisName
+                  ) -> tuple[jax.Array, ...]:
+  """``(T, KL, T_b, actual, predicted)``; ``T_b`` as in :func:`_measure`."""
+  _logits.check_logits(jax.eval_shape(logits_fn, params, batch), batch=batch)
   update_leaves = jax.tree.leaves(updates)
 
   def jvp_at(point, rows):
-    # J u at ``point`` (only the float leaves move); at W + u only the primal
-    # is used: one JVP program serves both evaluations (the discarded tangent
-    # costs one tangent pass on the probe rows, on probe steps only).
+    # J u at ``point`` (only the float leaves move); at the moved points only
+    # the primal is used: one JVP program serves every evaluation (the
+    # discarded tangents cost one tangent pass each on the probe rows, on
+    # probe steps only).
     leaves, treedef = jax.tree.flatten(point)
     idx = [i for i, w in enumerate(leaves) if jnp.issubdtype(w.dtype, jnp.floating)]
     return _sensitivity.directional_logit_change(
@@ -144,8 +192,13 @@ def measure_loss_change(
         [update_leaves[i].astype(jnp.float32) for i in idx], rows,
         with_primal=True)
 
-  (z, dz), (z_new, _) = _before_and_after(jvp_at, params, updates, batch)
+  partial = budgeted is not None and not all(budgeted)
+  outs = _at_points(jvp_at, params, updates, batch,
+                    (None, budgeted) if partial else (None,))
+  (z, dz), (z_new, _) = outs[0], outs[1]
   change, applied_kl = _change_and_kl(z, z_new, center_logits, kl, axis_name)
+  budgeted_change = change if not partial else _change_and_kl(
+      z, outs[2][0], center_logits, kl, axis_name, with_kl=False)[0]
   z32 = z.astype(jnp.float32)
 
   check_loss_fn(loss_fn, z, batch)
@@ -158,7 +211,7 @@ def measure_loss_change(
   actual = loss_of(z_new.astype(jnp.float32)) - loss_of(z32)
   if axis_name is not None:
     actual, predicted = jax.lax.pmean((actual, predicted), axis_name)
-  return change, applied_kl, actual, predicted
+  return change, applied_kl, budgeted_change, actual, predicted
 
 
 def check_loss_fn(loss_fn: Callable[[jax.Array, Any], jax.Array],
@@ -198,6 +251,7 @@ def kl_probe(
     guard: bool = True,
     probe_every: int = 20,
     loss_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
+    budgeted_leaves: Callable[[Any], tuple[bool, ...]] | None = None,
     eps: float = 1e-12,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps a :func:`budget_clip` with the applied-KL probe, controller and guard.
@@ -209,11 +263,19 @@ def kl_probe(
   a controller ``δ = target_kl`` of this very step (a ``target_kl`` scheduled
   with ``inject_hyperparams`` gives ``τ_t = sqrt(4·δ_t)``); with one, ``δ`` is
   its latest proposal. On probe steps (``step % probe_every == 0``, under
-  ``lax.cond``) it measures ``KL`` and ``T`` of the clipped update, computes
-  ``ρ = T / (c·S)`` (undefined, NaN, when ``c·S <= eps``: the surrogate
-  promised no change), sets the next ``g = min(1, 1/ρ)`` when ``guard`` (kept
-  as it was when ``ρ`` is undefined) and lets ``controller`` propose the next
-  ``δ``.
+  ``lax.cond``) it measures ``KL`` and ``T`` of the clipped update and
+  ``T_b``, the change made by the budgeted leaves alone; computes ``ρ = T_b /
+  (c·S)`` — like with like: ``S`` bounds the budgeted leaves' change only —
+  (undefined, NaN, when ``c·S <= eps``: the surrogate promised no change),
+  sets the next ``g = min(1, 1/ρ)`` when ``guard`` (kept as it was when ``ρ``
+  is undefined) and lets ``controller`` propose the next ``δ``.
+
+  A refused step (``c = 0`` with ``S > 0``: ``overshoot="skip"``) is probed at
+  the radius, ``c_probe = min(1, τ/S)`` — what ``"scale"`` would have
+  applied — so ``ρ`` stays defined and the guard's factor is renewed from a
+  fresh measurement at every probe: a factor set once can never hold every
+  later step below the radius. (Its ``KL`` and ``T`` are then those of that
+  probed step, not of the zero step applied.)
 
   Args:
     inner: a :func:`budget_clip` transformation built on ``estimator``.
@@ -229,6 +291,10 @@ def kl_probe(
     loss_fn: ``(logits, batch) -> scalar mean loss``; required by controllers
       with ``needs_loss`` (:func:`trust_region_radius`), which then also get
       the actual and predicted loss change of the probed step.
+    budgeted_leaves: ``params -> tuple of bool``, per leaf of
+      ``jax.tree.leaves(params)`` whether ``S`` budgets it (``inner``'s
+      layer partition; :func:`ellipsotope_budget_clip` passes it). None:
+      ``T_b = T``, every leaf counts.
     eps: ``ρ`` is undefined when ``c·S <= eps``.
 
   Returns:
@@ -262,8 +328,8 @@ def kl_probe(
         guard_state=_guard.init_guard_state() if guard else None,
         next_kl_target=jnp.asarray(delta0, jnp.float32),
         next_radius_factor=jnp.ones([], jnp.float32),
-        applied_kl=zero, applied_change=zero, predicted_change=zero,
-        probe_count=jnp.zeros([], jnp.int32))
+        applied_kl=zero, applied_change=zero, budgeted_change=zero,
+        predicted_change=zero, probe_count=jnp.zeros([], jnp.int32))
 
   def update(updates, state, params=None, *, batch=None, **extra_args):
     _clip.require_extra(params, batch, "ellipsotope_budget_clip")
@@ -275,22 +341,28 @@ def kl_probe(
         updates, state.clip_state, params, batch=batch, kl_target=delta,
         radius_factor=factor, **extra_args)
     scale, surrogate = clip_state.clip_scale, clip_state.surrogate
+    budgeted = None if budgeted_leaves is None else tuple(budgeted_leaves(params))
 
     def probe(operand):
       ctrl_state, guard_state, factor = operand
+      # A refused step is probed at the radius (what "scale" would apply), so
+      # ρ is defined on every probe with S > 0.
+      probe_scale = jnp.where(scale > 0, scale, _aggregate.clip_scale(
+          surrogate, clip_state.trust_radius, eps, "scale"))
       # Rebuild c·ΔW from the incoming updates rather than closing over the
       # outgoing ones: the outgoing update then stays fusible into the caller's
       # apply_updates instead of being materialised as a cond operand.
-      applied = _clip.scale_updates(updates, scale)
+      applied = _clip.scale_updates(updates, probe_scale)
       rows = estimator.probe_batch(params, batch)
       if needs_loss:
-        change, applied_kl, loss_change, predicted = measure_loss_change(
-            logits_fn, loss_fn, params, applied, rows, **measure)
+        change, applied_kl, budgeted_change, loss_change, predicted = (
+            _measure_loss(logits_fn, loss_fn, params, applied, rows, budgeted,
+                          **measure))
       else:
-        change, applied_kl = measure_applied_change(
-            logits_fn, params, applied, rows, **measure)
+        change, applied_kl, budgeted_change = _measure(
+            logits_fn, params, applied, rows, budgeted, **measure)
         loss_change = predicted = jnp.zeros([], jnp.float32)
-      ratio = _guard.guard_ratio(change, scale, surrogate, eps)
+      ratio = _guard.guard_ratio(budgeted_change, probe_scale, surrogate, eps)
       if guard:  # an undefined ρ (NaN: nothing promised) leaves g as it is
         guard_state, shrink = _guard.guard_update(guard_state, ratio)
         factor = jnp.where(jnp.isnan(ratio), factor, shrink)
@@ -302,27 +374,29 @@ def kl_probe(
             loss_change=loss_change, predicted_loss_change=predicted)
         ctrl_state, new_delta = controller.update(ctrl_state, measurement,
                                                   delta, target)
-      promised = scale * surrogate
+      promised = probe_scale * surrogate
       promised = jnp.where(promised > eps, promised, 0.0).astype(jnp.float32)
       return ((ctrl_state, guard_state, factor),
               (jnp.asarray(new_delta, jnp.float32), applied_kl, change,
-               promised, jnp.int32(1)))
+               budgeted_change, promised, jnp.int32(1)))
 
     def skip(operand):
       return operand, (delta, state.applied_kl, state.applied_change,
-                       state.predicted_change, jnp.int32(0))
+                       state.budgeted_change, state.predicted_change,
+                       jnp.int32(0))
 
     operand = (state.controller_state, state.guard_state, factor)
-    (ctrl_state, guard_state, factor), (new_delta, applied_kl, change, promised,
-                                        ran) = jax.lax.cond(
-        _is_probe_step(step, probe_every), probe, skip, operand)
+    (ctrl_state, guard_state, factor), (
+        new_delta, applied_kl, change, budgeted_change, promised,
+        ran) = jax.lax.cond(_is_probe_step(step, probe_every), probe, skip,
+                            operand)
     if controller is not None and controller.every_step:
       # This step's c and S; the latest probe's KL, T and ρ (its c·S is
       # ``promised``).
       measurement = _controller.ProbeMeasurement(
           applied_kl=applied_kl, applied_change=change, clip_scale=scale,
           surrogate=surrogate,
-          guard_ratio=_guard.guard_ratio(change, 1.0, promised, eps),
+          guard_ratio=_guard.guard_ratio(budgeted_change, 1.0, promised, eps),
           interval=1)
       ctrl_state, new_delta = controller.update(ctrl_state, measurement, delta,
                                                 target)
@@ -332,7 +406,7 @@ def kl_probe(
         next_kl_target=(jnp.asarray(new_delta, jnp.float32)
                         if controller is not None else target),
         next_radius_factor=factor, applied_kl=applied_kl,
-        applied_change=change, predicted_change=promised,
-        probe_count=state.probe_count + ran)
+        applied_change=change, budgeted_change=budgeted_change,
+        predicted_change=promised, probe_count=state.probe_count + ran)
 
   return optax.GradientTransformationExtraArgs(init, update)

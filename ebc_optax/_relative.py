@@ -1,36 +1,72 @@
-"""δ relative to the base optimizer's own steps: typical steps pass, outliers
-are cut.
+"""δ relative to the base optimizer's own steps: the trend passes, outliers
+are refused, and no refusal lasts for ever.
 
 A fixed δ is a knob: the right one moves with the model, the data, the
 learning rate and the phase of training. :func:`relative_radius` needs none.
-It keeps the predicted KL *before clipping* of each of the last ``window``
-steps, ``K_t = S_t²/4`` (nats/token in the estimator's metric; with
-``kl="fisher", aggregate="exact"`` the step's quadratic KL itself), and sets
+Each step's predicted KL *before clipping*, ``K_t = S_t²/4`` (nats/token in
+the estimator's metric), is judged against two references built from the
+steps before it, in log space (``k = log K``):
 
-    δ_{t+1} = multiple · median(K_{t-window+1}, …, K_t)
+* the **trend**: a robust straight line through the last ``trend`` *accepted*
+  steps, ``k ≈ a + b·t`` (Theil–Sen: ``b`` the median of the pairwise slopes,
+  clamped to ``[0, MAX_LOG_GROWTH]``; ``a`` the median intercept), read at the
+  step to come. A start-up that grows the step ×1.2 per step (Prodigy,
+  D-Adaptation) or a warm-up is a line, so it is followed with no lag;
+  decays are not extrapolated (``b >= 0``), so the reference only lags above
+  them, where it is looser;
+* the **level**: the median of ``k`` over the last ``window`` steps, where a
+  refused step enters at the threshold it exceeded (``min(k, log δ)``).
 
-so a step whose predicted KL is more than ``multiple`` times the recent
-typical one — a corrupted batch, a gradient spike, an LR spike — is refused
-(``overshoot="skip"``, the default with this controller) or scaled back to
-that size (``"scale"``), and every ordinary step passes untouched (``c = 1``).
+With ``σ`` the robust spread of the accepted steps around their line
+(1.4826 × their median absolute residual from the unclamped Theil–Sen line),
 
-Why a window median: a burst shorter than half the window cannot move it
-(fewer than half its entries are outliers), while a sustained change of the
-step size — Prodigy's step growing by orders of magnitude while it estimates
-its learning rate, a warm-up, a decay — is followed with a lag of half a
-window. With ``window = 32`` and ``multiple = 4`` a step may grow by up to 9%
-in KL (4.4% in size) per step for ever without being clipped, and a burst of
-up to 15 steps (fewer than half the window) is caught. The first ``window``
-steps only fill the window (not clipped).
+    log δ_{t+1} = max(trend_{t+1}, level_t) + max(log multiple, z·σ)
+
+so a step is an outlier when its predicted KL is more than ``multiple`` times
+the reference — and more than ``z`` robust standard deviations of the run's
+own step-to-step noise above it. An outlier is refused (``overshoot="skip"``,
+the default with this controller) or scaled back to the radius (``"scale"``);
+every other step passes untouched (``c = 1``). The first ``window`` steps only
+fill the buffers (``δ`` = :data:`UNSET_DELTA`, nothing clipped).
+
+**Liveness** — why no sequence of steps is refused for ever, whatever the
+guard, the overshoot and the base:
+
+1. Outliers never enter the trend, so a burst cannot teach the trend its own
+   size; it is judged against the line the accepted steps drew.
+2. Each refused step enters the level's window at the threshold it exceeded,
+   ``log δ_t >= level_t + log multiple`` (the trend is a second lower bound of
+   the threshold, never a lower one). So after ``window/2 + 1`` consecutive
+   outliers more than half the window holds such entries and the level — and
+   with it the threshold — has risen by at least ``log multiple``. A
+   run of outliers therefore meets a threshold that grows by ×``multiple``
+   per half window, without bound, and any lasting step size passes after a
+   number of refusals logarithmic in its size (×3 for good: ~17 steps; ×10:
+   ~50; ×1000: ~150, with the defaults).
+3. Whether a step is an outlier is this controller's own test ``K > δ``; the
+   guard's factor on ``τ`` (which may refuse a step below ``δ``) does not make
+   a step an outlier, so the guard cannot hold the references down, and the
+   probe always measures a defined ``ρ`` (a refused step is probed at the
+   radius), so the guard's factor is renewed from fresh evidence at every
+   probe.
+
+A burst of up to ``window/2`` steps (15 with the defaults) that is ≥ 10× the
+trend in step size (100× in KL) cannot lift the level and never reaches the
+trend, so it is refused whole. Two limits of "the trend": steps that ramp up
+by a factor below ``multiple`` each time are a trend by this definition, and
+are followed; and since decays are not extrapolated, in the last steps of a
+decay to zero a burst is judged against the recent, larger steps (it must be
+10× those to be refused).
 
 It is a guard against outliers, not a step-size rule: an LR that is too large
-from the start makes every step large, the median with them, and nothing is
-clipped. Pair it with a base that sets a good step by itself.
+from the start makes every step large, the trend with them, and nothing is
+refused. Pair it with a base that sets a good step by itself.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,24 +76,42 @@ from ebc_optax import _validation
 
 # δ while the window fills: no clipping (τ = sqrt(4δ) ≈ 2e15).
 UNSET_DELTA = 1e30
+# The trend's slope is clamped to growth of at most ×1.5 per step in step size
+# (×2.25 in KL): faster than any start-up or warm-up (Prodigy's ×600 in 40
+# steps is ×1.17), slower than a jump.
+MAX_LOG_GROWTH = 2.0 * math.log(1.5)
+# 1.4826 · MAD estimates the standard deviation of Gaussian noise.
+_MAD_TO_SIGMA = 1.4826
 
 
 class RelativeRadiusState(NamedTuple):
   """State of :func:`relative_radius`.
 
   Attributes:
-    log_step_kl: ``[window]`` float32, ``log K`` of the last ``window``
-      steps with a non-zero update, a ring buffer (oldest overwritten).
-    median_steps: int32, steps that entered the window.
+    log_step_kl: ``[window]`` float32, the level's ring buffer: ``log K`` of
+      the last ``window`` steps with a non-zero update (an outlier's entry is
+      the ``log δ`` it exceeded), oldest overwritten.
+    median_steps: int32, steps that entered the level's window (the step
+      clock of the trend).
+    trend_log_kl: ``[trend]`` float32, ``log K`` of the last accepted steps.
+    trend_step: ``[trend]`` int32, their ``median_steps`` clock.
+    trend_count: int32, accepted steps seen (the trend ring's write count).
+    outliers: int32, steps judged outliers (``K > δ``) in all.
+    outlier_run: int32, consecutive outliers up to the last step.
   """
   log_step_kl: jax.Array
   median_steps: jax.Array
+  trend_log_kl: jax.Array
+  trend_step: jax.Array
+  trend_count: jax.Array
+  outliers: jax.Array
+  outlier_run: jax.Array
 
 
 def window_threshold(log_step_kl: jax.Array, filled: jax.Array,
                      multiple: float) -> jax.Array:
   """``multiple · exp(median(log K))`` once the window is ``filled``, else
-  :data:`UNSET_DELTA` (float32).
+  :data:`UNSET_DELTA` (float32): the level's threshold on its own.
 
   Example:
     >>> import jax.numpy as jnp
@@ -68,51 +122,168 @@ def window_threshold(log_step_kl: jax.Array, filled: jax.Array,
   return jnp.where(filled, multiple * median, UNSET_DELTA).astype(jnp.float32)
 
 
-def relative_radius(*, multiple: float = 4.0,
-                    window: int = 32) -> _controller.KLController:
-  """Controller slot: ``δ = multiple × median predicted KL of the last steps``.
+def robust_trend(steps: jax.Array, values: jax.Array, at: jax.Array,
+                 max_slope: float = MAX_LOG_GROWTH
+                 ) -> tuple[jax.Array, jax.Array]:
+  """Theil–Sen line through ``(steps, values)`` read at ``at``, and the
+  robust spread of the points around it.
+
+  The slope ``b`` is the median of the pairwise slopes. The value at ``at``
+  is the median of ``values + b'·(at − steps)`` with ``b'`` the slope clamped
+  to ``[0, max_slope]`` (a decay is not extrapolated); the spread is 1.4826 ×
+  the median absolute deviation of the points from the unclamped line (a
+  standard deviation for Gaussian noise; the fit's own shape is not noise).
+  ``steps`` must be distinct.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> t = jnp.arange(6); y = 0.5 * t + jnp.array([0., 0, 0, 0, 0, 9.])
+    >>> [round(float(v), 4) for v in robust_trend(t, y, jnp.int32(6))]
+    [3.0, 0.0]
+  """
+  t = jnp.asarray(steps, jnp.float32) - jnp.asarray(at, jnp.float32)
+  y = jnp.asarray(values, jnp.float32)
+  i, j = jnp.triu_indices(t.shape[0], 1)
+  slope = jnp.median((y[j] - y[i]) / (t[j] - t[i]))
+  residual = y - slope * t
+  spread = _MAD_TO_SIGMA * jnp.median(jnp.abs(residual - jnp.median(residual)))
+  value = jnp.median(y - jnp.clip(slope, 0.0, max_slope) * t)
+  return value, spread
+
+
+def relative_threshold(trend: jax.Array, spread: jax.Array, level: jax.Array,
+                       multiple: float, z: float) -> jax.Array:
+  """``log δ = max(trend, level) + max(log multiple, z·spread)`` (float32).
+
+  Example:
+    >>> round(float(relative_threshold(1.0, 0.1, 0.5, 4.0, 4.0)), 4)
+    2.3863
+  """
+  margin = jnp.maximum(jnp.log(jnp.float32(multiple)),
+                       jnp.float32(z) * jnp.asarray(spread, jnp.float32))
+  return (jnp.maximum(jnp.asarray(trend, jnp.float32),
+                      jnp.asarray(level, jnp.float32)) + margin)
+
+
+def relative_radius(*, multiple: float = 4.0, window: int = 32,
+                    trend: int = 12, z: float = 4.0
+                    ) -> _controller.KLController:
+  """Controller slot: ``δ`` = ``multiple`` × the trend of the recent
+  predicted KL, widened to ``z`` robust standard deviations of its noise.
 
   Runs on every step (``every_step=True``): it reads the unclipped step's
   surrogate ``S`` from each step's measurement. A step with ``S = 0`` (a zero
-  update) does not enter the window. A step the clip refused
-  (``overshoot="skip"``: ``c = 0`` with ``S > 0``) enters it at the threshold
-  ``δ`` it exceeded, not at its own ``K``: a burst cannot drag the median up
-  to itself, and a lasting change of the step size still raises the
-  threshold — by up to ``multiple`` per half window — so steps are never
-  refused for ever (with the defaults, a step size that jumps ×3 for good
-  passes after 17 refused steps, ×10 after 49).
+  update) enters nothing. A step with ``K = S²/4 > δ`` is an outlier: it
+  enters the level's window at ``δ`` and not the trend. See the module
+  docstring for the rule and why no refusal lasts for ever.
 
   Args:
-    multiple: how many times the typical predicted KL a step may have before
-      it is scaled back (> 1; 4 lets steps up to twice the typical logit
-      change through: the KL grows with the square of the step).
-    window: steps in the median (>= 2, static): bursts shorter than half of
-      it are cut, trends are followed with a lag of half of it.
+    multiple: how many times the reference KL a step may have before it is
+      an outlier (> 1; 4 lets steps up to twice the typical logit change
+      through: the KL grows with the square of the step).
+    window: steps in the level's median and steps before the first decision
+      (>= 4, static): bursts shorter than half of it are refused whole, and a
+      lasting change of the step size passes after at most
+      ``(window/2 + 1)·log_multiple(change in KL)`` refused steps.
+    trend: accepted steps in the trend line (>= 3, static; at most
+      ``window`` are used): fewer follow a change of growth rate sooner, more
+      average more noise.
+    z: the threshold is at least ``z`` robust standard deviations of the
+      accepted steps' scatter around the trend above it (>= 0): a run whose
+      step size is noisy is not refused for its noise.
 
   Returns:
     A :class:`KLController` with ``every_step=True``.
   """
   _validation.check_number("multiple", multiple, lo=1, lo_open=True)
-  _validation.check_number("window", window, lo=2, integer=True)
+  _validation.check_number("window", window, lo=4, integer=True)
+  _validation.check_number("trend", trend, lo=3, integer=True)
+  _validation.check_number("z", z, lo=0)
+  trend = min(trend, window)
 
   def init(target_kl):
-    del target_kl  # no target: the median sets δ
-    state = RelativeRadiusState(log_step_kl=jnp.zeros([window], jnp.float32),
-                                median_steps=jnp.zeros([], jnp.int32))
-    return state, jnp.asarray(UNSET_DELTA, jnp.float32)
+    del target_kl  # no target: the recent steps set δ
+    return init_tracker(RelativeRadiusState, window, trend), jnp.asarray(
+        UNSET_DELTA, jnp.float32)
 
   def update(state, measurement, delta, target_kl):
     del target_kl
     step_kl = 0.25 * jnp.square(jnp.asarray(measurement.surrogate, jnp.float32))
     seen = step_kl > 0
-    refused = jnp.logical_and(seen, measurement.clip_scale <= 0)
-    step_kl = jnp.where(refused, jnp.minimum(step_kl, delta), step_kl)
-    slot = state.median_steps % window
-    log_kl = jnp.log(jnp.where(seen, step_kl, 1.0))
-    buf = jnp.where(seen, state.log_step_kl.at[slot].set(log_kl),
-                    state.log_step_kl)
-    steps = state.median_steps + seen.astype(jnp.int32)
-    new_delta = window_threshold(buf, steps >= window, multiple)
-    return RelativeRadiusState(log_step_kl=buf, median_steps=steps), new_delta
+    state, log_new = observe(state, jnp.log(jnp.where(seen, step_kl, 1.0)),
+                             seen, jnp.log(jnp.asarray(delta, jnp.float32)),
+                             window=window, multiple=multiple, z=z)
+    new_delta = jnp.where(log_new >= LOG_UNSET, UNSET_DELTA, jnp.exp(log_new))
+    return state, jnp.where(seen, new_delta, delta).astype(jnp.float32)
 
   return _controller.KLController(init=init, update=update, every_step=True)
+
+
+# --- the tracker, shared with wrap's gradient-norm check ---------------------
+
+LOG_UNSET = math.log(UNSET_DELTA)
+
+
+def init_tracker(kind: type, window: int, trend: int, **extra: Any) -> Any:
+  """An empty tracker state of type ``kind`` (:class:`RelativeRadiusState` or
+  :class:`GradientOutlierState`, which share their fields; ``extra`` fills
+  the fields of its own)."""
+  return kind(**extra,
+      log_step_kl=jnp.zeros([window], jnp.float32),
+      median_steps=jnp.zeros([], jnp.int32),
+      trend_log_kl=jnp.zeros([trend], jnp.float32),
+      trend_step=-jnp.arange(trend, 0, -1, dtype=jnp.int32),
+      trend_count=jnp.zeros([], jnp.int32),
+      outliers=jnp.zeros([], jnp.int32),
+      outlier_run=jnp.zeros([], jnp.int32))
+
+
+def observe(state: Any, value: jax.Array, seen: jax.Array,
+            log_threshold: jax.Array, *, window: int, multiple: float,
+            z: float) -> tuple[Any, jax.Array]:
+  """Records one observation ``value`` (a log) judged against
+  ``log_threshold``; returns the new state and the next log threshold
+  (:data:`LOG_UNSET` while the window fills).
+
+  An observation above the threshold is an outlier: it enters the level's
+  window at the threshold and not the trend. ``seen=False`` records nothing.
+  """
+  trend = state.trend_log_kl.shape[0]
+  outlier = jnp.logical_and(seen, value > log_threshold)
+  accepted = jnp.logical_and(seen, ~outlier)
+  now = state.median_steps
+  level_buf = jnp.where(
+      seen, state.log_step_kl.at[now % window].set(
+          jnp.minimum(value, log_threshold)), state.log_step_kl)
+  slot = state.trend_count % trend
+  trend_y = jnp.where(accepted, state.trend_log_kl.at[slot].set(value),
+                      state.trend_log_kl)
+  trend_t = jnp.where(accepted, state.trend_step.at[slot].set(now),
+                      state.trend_step)
+  steps = now + seen.astype(jnp.int32)
+  fitted, spread = robust_trend(trend_t, trend_y, steps)
+  log_new = relative_threshold(fitted, spread, jnp.median(level_buf),
+                               multiple, z)
+  log_new = jnp.where(steps >= window, log_new, LOG_UNSET)
+  return state._replace(
+      log_step_kl=level_buf, median_steps=steps, trend_log_kl=trend_y,
+      trend_step=trend_t,
+      trend_count=state.trend_count + accepted.astype(jnp.int32),
+      outliers=state.outliers + outlier.astype(jnp.int32),
+      outlier_run=jnp.where(outlier, state.outlier_run + 1, 0
+                            ).astype(jnp.int32)), log_new.astype(jnp.float32)
+
+
+class GradientOutlierState(NamedTuple):
+  """State of :func:`wrap`'s gradient-norm check: the fields of
+  :class:`RelativeRadiusState`, over ``log ‖g‖²`` instead of ``log K``, and
+  the log threshold the next gradient is judged against (:data:`LOG_UNSET`
+  while the window fills)."""
+  log_step_kl: jax.Array
+  median_steps: jax.Array
+  trend_log_kl: jax.Array
+  trend_step: jax.Array
+  trend_count: jax.Array
+  outliers: jax.Array
+  outlier_run: jax.Array
+  log_threshold: jax.Array

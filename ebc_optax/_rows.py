@@ -102,7 +102,7 @@ def probe_batch(logits_fn: Callable[[Any, Any], jax.Array], params: Any,
         "probe_batch_size must be static (an int or a float); with "
         "optax.inject_hyperparams list it in static_args.")
   logits = jax.eval_shape(logits_fn, params, batch)
-  _logits.check_logits(logits)
+  _logits.check_logits(logits, batch=batch)
   rows = logits.shape[0]
   stride, count = probe_stride(probe_batch_size, rows)
   if count == rows:

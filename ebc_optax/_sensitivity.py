@@ -98,14 +98,15 @@ def check_full_sweep_every(value: Any) -> None:
 
 def check_float_leaves(param_leaves: Sequence[Any],
                        partition: _layers.LayerPartition) -> None:
-  """Raises, naming the leaf by path, for a budgeted non-float leaf."""
+  """Raises, naming the leaf by path, for a budgeted non-float leaf (integer
+  leaves are never budgeted; a complex one can be)."""
   for i in partition.budgeted_leaves:
     if not jnp.issubdtype(param_leaves[i].dtype, jnp.floating):
       raise ValueError(
           f"Budgeted parameter {partition.leaf_paths[i]!r} has dtype "
-          f"{param_leaves[i].dtype}; EBC needs floating-point parameters (give "
-          "integer leaves an embedding/output label or exclude them with "
-          "layer_labels).")
+          f"{param_leaves[i].dtype}; EBC needs real floating-point parameters "
+          "in its layers (leave this leaf out with layer_labels, or give it "
+          "an embedding/output label).")
 
 
 def masked_direction(update_leaves: Sequence[jax.Array],
@@ -409,7 +410,8 @@ def sensitivity_estimator(
   def update(state: SensitivityState, step: jax.Array,
              partition: _layers.LayerPartition, params: Any, updates: Any,
              batch: Any, norms: jax.Array) -> SensitivityState:
-    _logits.check_logits(jax.eval_shape(logits_fn, params, batch))
+    _logits.check_logits(jax.eval_shape(logits_fn, params, batch),
+                         batch=batch)
     num_layers = len(partition.labels)
     if num_layers == 0:
       return state
@@ -476,7 +478,8 @@ def sensitivity_estimator(
 
   def linear_change(partition: _layers.LayerPartition, params: Any,
                     updates: Any, batch: Any) -> jax.Array:
-    _logits.check_logits(jax.eval_shape(logits_fn, params, batch))
+    _logits.check_logits(jax.eval_shape(logits_fn, params, batch),
+                         batch=batch)
     indices = partition.budgeted_leaves
     if not indices:
       return jnp.zeros([], jnp.float32)

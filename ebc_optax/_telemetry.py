@@ -24,9 +24,30 @@ import jax.numpy as jnp
 
 from ebc_optax import _clip
 from ebc_optax import _probe
+from ebc_optax import _relative
 from ebc_optax import _safety
 from ebc_optax import _trust_region
 from ebc_optax import _wrap
+
+
+def _is_variable(x: Any) -> bool:
+  """A Flax NNX ``Variable`` box (``nnx.Optimizer`` keeps its optimizer state
+  in ``OptArray`` boxes), recognised without importing Flax."""
+  return (type(x).__module__.startswith("flax.")
+          and callable(getattr(x, "get_value", None)))
+
+
+def unbox(state: Any) -> Any:
+  """``state`` with every Flax NNX ``Variable`` box replaced by its value, so
+  ``nnx.Optimizer(...).opt_state`` reads like the plain optax state.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> unbox({"a": jnp.ones(2)})["a"].shape
+    (2,)
+  """
+  return jax.tree.map(lambda x: x.get_value() if _is_variable(x) else x,
+                      state, is_leaf=_is_variable)
 
 
 def _find(state: Any, kind: type) -> list[Any]:
@@ -51,7 +72,9 @@ def telemetry(state: Any) -> dict[str, jax.Array]:
 
   Works on the state of ``ellipsotope_budget_clip`` itself or of any chain /
   wrapper holding it (``optax.chain``, ``optax.inject_hyperparams``,
-  ``optax.MultiSteps``, ``optax.apply_if_finite``, ``schedule_free``, ...).
+  ``optax.MultiSteps``, ``optax.apply_if_finite``, ``schedule_free``, ...),
+  and on ``nnx.Optimizer(...).opt_state`` (its ``OptArray`` boxes are read
+  through).
   Pure and jit-safe: it only reads arrays (under ``pmap`` they keep the
   replica axis).
 
@@ -65,18 +88,25 @@ def telemetry(state: Any) -> dict[str, jax.Array]:
       before ``safety``) and ``contribution`` (``s_ℓ``); counters ``step``,
       ``clipped_steps``. With ``aggregate="exact"``: ``S_lin`` (last
       ``‖J ΔW‖``) and ``calibration``.
-    * The probe (``KLProbeState``): ``applied_kl``, ``applied_change`` (``T``)
-      and ``rho`` (``T / (c·S)``) at the last probe, ``probe_count``; with the
-      guard ``guard_trips``.
+    * The probe (``KLProbeState``): ``applied_kl``, ``applied_change`` (``T``),
+      ``budgeted_change`` (``T_b``, the budgeted leaves' share) and ``rho``
+      (``T_b / (c·S)``) at the last probe, ``probe_count``; with the guard
+      ``guard_trips``.
+    * The relative radius (``RelativeRadiusState``): ``outliers`` (steps
+      judged beyond the trend, in all) and ``outlier_run`` (consecutive, up
+      to the last step).
     * ``nonfinite_skips`` (``skip_nonfinite``); ``rho_tr``, ``loss_change``,
       ``predicted_loss_change``, ``tr_accepted``, ``tr_shrunk``,
       ``tr_grown`` (trust-region controller); ``notfinite_count``,
-      ``total_notfinite`` (:func:`wrap`).
+      ``total_notfinite``, ``refused_count``, ``total_refused``,
+      ``grad_outliers``, ``grad_outlier_run`` (:func:`wrap`; the last two
+      with its gradient-norm check).
 
   Raises:
     ValueError: when the state holds no EBC state, or more than one (pass the
       sub-state you mean).
   """
+  state = unbox(state)
   clips = _find(state, _clip.BudgetClipState)
   if not clips:
     raise ValueError("telemetry: no EBC state (BudgetClipState) found in the "
@@ -111,11 +141,16 @@ def telemetry(state: Any) -> dict[str, jax.Array]:
     promised = probe.predicted_change
     out["applied_kl"] = _when(probed, probe.applied_kl)
     out["applied_change"] = _when(probed, probe.applied_change)
+    out["budgeted_change"] = _when(probed, probe.budgeted_change)
     out["rho"] = _when(jnp.logical_and(probed, promised > 0),
-                       probe.applied_change / jnp.where(promised > 0, promised, 1.0))
+                       probe.budgeted_change / jnp.where(promised > 0, promised, 1.0))
     out["probe_count"] = probe.probe_count
     if probe.guard_state is not None:
       out["guard_trips"] = probe.guard_state.guard_trips
+  rel = _one(state, _relative.RelativeRadiusState)
+  if rel is not None:
+    out["outliers"] = rel.outliers
+    out["outlier_run"] = rel.outlier_run
   skip = _one(state, _safety.NonFiniteSkipState)
   if skip is not None:
     out["nonfinite_skips"] = skip.nonfinite_skips
@@ -131,4 +166,9 @@ def telemetry(state: Any) -> dict[str, jax.Array]:
   if wrapped is not None:
     out["notfinite_count"] = wrapped.notfinite_count
     out["total_notfinite"] = wrapped.total_notfinite
+    out["refused_count"] = wrapped.refused_count
+    out["total_refused"] = wrapped.total_refused
+    if wrapped.grad_state is not None:
+      out["grad_outliers"] = wrapped.grad_state.outliers
+      out["grad_outlier_run"] = wrapped.grad_state.outlier_run
   return out

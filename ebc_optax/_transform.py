@@ -45,7 +45,7 @@ def ellipsotope_budget_clip(
     probe_batch_size: _rows.ProbeBatchSize = 0.25,
     probe_batch_fn: _rows.ProbeBatchFn | None = None,
     controller: str | _controller.KLController | None = "relative",
-    guard: bool = True,
+    guard: bool | None = None,
     probe_every: int = 20,
     loss_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
     layer_labels: _layers.LayerLabelsFn | None = None,
@@ -89,7 +89,7 @@ def ellipsotope_budget_clip(
         budget_clip(est),                 # β refresh, S, c = min(1, τ/S), scale
         est,                              # every probe_every steps: KL, T, ρ, then
         controller=relative_radius(),     # the next δ (every step)
-        guard=True))                      # the next g = min(1, 1/ρ)
+        guard=...))                       # the next g = min(1, 1/ρ)
 
   Args:
     logits_fn: ``(params, batch) -> logits`` of shape ``[..., vocab]``; every
@@ -142,7 +142,15 @@ def ellipsotope_budget_clip(
       (``benchmarks/RESULTS.md``) showed it pinning ``δ`` at its clamp: a
       fixed logit-space step that costs quality at a well-set LR and
       strangles schedule-free AdamW.
-    guard: shrink-only guard on the applied change.
+    guard: shrink-only guard on the applied change: ``τ`` times ``min(1,
+      1/ρ)`` of the latest probe. None (the default): on with an absolute
+      ``δ`` (``"pi"``, ``"trust_region"``, a fixed ``δ``), off with the
+      relative radius. There the threshold is a multiple of the surrogate's
+      own trend, so a bias of the surrogate — constant, or slowly varying
+      like a stale ``β`` — cancels, and an absolute correction only holds
+      ordinary steps below the radius: on Hugging Face Llama around Adam,
+      stale ``β`` put ``ρ`` at 0.8–2.4 and the guard refused 13% of the steps
+      (``benchmarks/RESULTS.md``, *Zoo*). The probe still measures ``ρ``.
     probe_every: steps between applied-KL probes (>= 0; 0 disables them, and
       with them the controller and the guard).
     loss_fn: ``(logits, batch) -> scalar mean loss`` on the probe rows, for
@@ -214,6 +222,8 @@ def ellipsotope_budget_clip(
         "fixed δ = target_kl, or leave target_kl out.")
   if target_kl is None:
     target_kl = DEFAULT_TARGET_KL
+  if guard is None:
+    guard = not relative
   _validation.check_choice("overshoot", overshoot,
                            (None,) + _aggregate.OVERSHOOTS)
   if overshoot is None:
@@ -236,8 +246,14 @@ def ellipsotope_budget_clip(
       exact_every=exact_every,
       layer_labels=layer_labels, include_embed_out=include_embed_out,
       stacked=stacked, overshoot=overshoot, eps=eps)
+  def budgeted_leaves(params):
+    part = _layers.partition_layers(params, layer_labels, include_embed_out,
+                                    stacked)
+    return tuple(slot is not None for slot in part.leaf_layers)
+
   probed = _probe.kl_probe(
       clip, estimator, target_kl=target_kl, controller=controller,
-      guard=guard, probe_every=probe_every, loss_fn=loss_fn, eps=eps)
+      guard=guard, probe_every=probe_every, loss_fn=loss_fn,
+      budgeted_leaves=budgeted_leaves, eps=eps)
   # budget_clip's state holds update_norm and c: a finite state certifies c·u.
   return _safety.skip_nonfinite(probed, check_updates=False)

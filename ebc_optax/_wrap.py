@@ -9,9 +9,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ebc_optax import _clip
+from ebc_optax import _relative
 from ebc_optax import _safety
 from ebc_optax import _transform
 from ebc_optax import _validation
+
+
+# The gradient-norm check: the relative radius's rule on log ‖g‖², with its
+# window; a batch is refused when its squared gradient norm exceeds the trend
+# by 2.25× (×1.5 in norm) and by 3.5 robust standard deviations of the run's
+# batch-to-batch scatter (estimated on 24 accepted batches: gradient norms
+# drift slowly, and a steadier spread lets the margin be tighter than the
+# step's). A random-token batch in the zoo raises the norm ×1.6–3 at once,
+# while Adam's normalised step grows only gradually (×1.1–1.2 per step) and
+# would pass as a trend.
+GRAD_NORM_MULTIPLE = 2.25
+_GRAD_WINDOW, _GRAD_TREND, _GRAD_Z = 32, 24, 3.5
 
 
 class WrapState(NamedTuple):
@@ -24,6 +38,12 @@ class WrapState(NamedTuple):
     notfinite_count: int32, consecutive steps whose gradient was not finite.
     last_finite: bool, whether the last gradient was finite.
     total_notfinite: int32, steps whose gradient was not finite, in all.
+    refused_count: int32, consecutive steps EBC refused (``c = 0`` with a
+      non-zero proposal).
+    total_refused: int32, steps EBC refused, in all.
+    grad_state: the gradient-norm check's
+      :class:`~ebc_optax._relative.GradientOutlierState` (None when it is
+      off).
   """
   base_state: Any
   ebc_state: Any
@@ -31,6 +51,9 @@ class WrapState(NamedTuple):
   notfinite_count: jax.Array
   last_finite: jax.Array
   total_notfinite: jax.Array
+  refused_count: jax.Array
+  total_refused: jax.Array
+  grad_state: Any = None
 
 
 def wrap(
@@ -39,6 +62,8 @@ def wrap(
     *,
     after: optax.GradientTransformation | None = None,
     max_consecutive_errors: int | None = None,
+    skip_refused: bool = True,
+    grad_norm_multiple: float | None = GRAD_NORM_MULTIPLE,
     **ebc_options: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """EBC around a base optimizer: ``base -> ellipsotope_budget_clip -> after``.
@@ -57,6 +82,31 @@ def wrap(
   non-finite gradients then fails visibly instead of skipping for ever);
   ``None`` rejects every one of them — watch ``notfinite_count``.
 
+  A batch whose gradient is an outlier of the run's own gradient norms —
+  ``‖g‖²`` more than ``grad_norm_multiple`` (2.25) times its trend, by the
+  relative radius's rule (a robust trend line and a window median, see
+  :func:`relative_radius`), so a start-up, a warm-up or a decay is followed
+  and no refusal lasts for ever — is refused too: a zero update, and the base
+  and ``after`` states untouched (counted in ``grad_state.outliers``). EBC
+  still measures its step, so its own test and its escalation run alongside. It catches what the step's
+  logit-space size cannot: Adam normalises a burst of bad batches, so its
+  step only ramps up ×1.1–1.2 per step — the pace of a growth phase — while
+  the gradient norm jumps at once.
+
+  A step EBC *refuses* (``c = 0`` with a non-zero proposal: an outlier under
+  the default relative radius) is skipped whole as well when
+  ``skip_refused`` (the default): the base and ``after`` states stay as they
+  were, so a refused batch leaves no trace — Adam's moments do not take the
+  burst's gradients in and replay them once the refusals end. EBC's own state
+  does move (its controller records the refusal: that is how a lasting
+  change of the step size is eventually let through, see
+  :func:`relative_radius`). Refusals are counted in ``refused_count``
+  (consecutive) and ``total_refused``. The old and new base states are both
+  live during the step (the selection is elementwise); ``skip_refused=False``
+  keeps the base's update of its state, as ``optax.chain(base,
+  ellipsotope_budget_clip(...))`` does — a chain cannot do this, since a
+  transformation never sees the states of the ones before it.
+
   Args:
     base_optimizer: any optax transformation proposing the step
       (``optax.adam(lr)``, ``optax.contrib.prodigy()``, muon, ...). Use a base
@@ -68,6 +118,11 @@ def wrap(
       ``optax.add_decayed_weights(-lr * wd)`` (the sign: the step is already
       LR-scaled and negative).
     max_consecutive_errors: as in ``optax.apply_if_finite`` (>= 0), or None.
+    skip_refused: leave the base and ``after`` states untouched on a step EBC
+      refuses (``c = 0``).
+    grad_norm_multiple: refuse a batch whose squared gradient norm is more
+      than this many times its trend (> 1; the default 2.25 is ×1.5 in
+      norm), as a non-finite one is refused; None turns the check off.
     **ebc_options: keyword arguments of :func:`ellipsotope_budget_clip`
       (``target_kl``, ``stacked``, ``kl``, ...).
 
@@ -90,11 +145,17 @@ def wrap(
   """
   _validation.check_number("max_consecutive_errors", max_consecutive_errors,
                            lo=0, integer=True, allow_none=True)
+  if not isinstance(skip_refused, bool):
+    raise ValueError(f"skip_refused must be True or False; got {skip_refused!r}.")
   for name, tx in (("base_optimizer", base_optimizer), ("after", after)):
     if tx is not None and not (hasattr(tx, "init") and hasattr(tx, "update")):
       raise ValueError(
           f"{name} must be an optax.GradientTransformation (with init and "
           f"update); got {tx!r}.")
+  if grad_norm_multiple is not None:
+    _validation.check_number("grad_norm_multiple", grad_norm_multiple, lo=1,
+                             lo_open=True)
+  axis_name = ebc_options.get("axis_name")
   base = optax.with_extra_args_support(base_optimizer)
   ebc = _transform.ellipsotope_budget_clip(logits_fn, **ebc_options)
   post = optax.with_extra_args_support(after or optax.identity())
@@ -105,7 +166,13 @@ def wrap(
         after_state=post.init(params),
         notfinite_count=jnp.zeros([], jnp.int32),
         last_finite=jnp.array(True),
-        total_notfinite=jnp.zeros([], jnp.int32))
+        total_notfinite=jnp.zeros([], jnp.int32),
+        refused_count=jnp.zeros([], jnp.int32),
+        total_refused=jnp.zeros([], jnp.int32),
+        grad_state=None if grad_norm_multiple is None else
+        _relative.init_tracker(
+            _relative.GradientOutlierState, _GRAD_WINDOW, _GRAD_TREND,
+            log_threshold=jnp.float32(_relative.LOG_UNSET)))
 
   def update(grads, state, params=None, **extra_args):
     finite = _safety.tree_all_finite(grads)
@@ -113,6 +180,10 @@ def wrap(
     if max_consecutive_errors is not None:
       apply = jnp.logical_or(
           finite, state.notfinite_count >= max_consecutive_errors)
+    grad_state, grad_outlier = state.grad_state, jnp.array(False)
+    if grad_state is not None:  # the batch itself: its gradient's size
+      grad_state, grad_outlier = _check_gradient(
+          grad_state, grads, finite, grad_norm_multiple, axis_name)
 
     def step(_):
       u, base_state = base.update(grads, state.base_state, params, **extra_args)
@@ -126,12 +197,66 @@ def wrap(
 
     updates, (base_state, ebc_state, after_state) = jax.lax.cond(
         apply, step, skip, None)
+    refused = jnp.logical_and(apply, _refused(ebc_state))
+    # A gradient outlier never reaches the parameters nor the base's state;
+    # EBC still saw its step, so its own outlier test runs alongside (a
+    # lasting change is let through by whichever test escalates last, not
+    # by one after the other).
+    keep_base = jnp.logical_or(grad_outlier, refused) if skip_refused else (
+        grad_outlier)
+    base_state, after_state = _select(
+        keep_base, (state.base_state, state.after_state),
+        (base_state, after_state))
+    updates = jax.tree.map(
+        lambda u: jnp.where(grad_outlier, jnp.zeros_like(u), u), updates)
     bad = (~finite).astype(jnp.int32)
     return updates, WrapState(
         base_state=base_state, ebc_state=ebc_state, after_state=after_state,
         notfinite_count=jnp.where(finite, 0, state.notfinite_count + 1
                                   ).astype(jnp.int32),
         last_finite=finite,
-        total_notfinite=state.total_notfinite + bad)
+        total_notfinite=state.total_notfinite + bad,
+        refused_count=jnp.where(refused, state.refused_count + 1, 0
+                                ).astype(jnp.int32),
+        total_refused=state.total_refused + refused.astype(jnp.int32),
+        grad_state=grad_state)
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _check_gradient(state: Any, grads: Any, finite: jax.Array,
+                    multiple: float, axis_name: Any
+                    ) -> tuple[Any, jax.Array]:
+  """Judges ``log ‖g‖²`` against its trend (the relative radius's rule, see
+  :func:`relative_radius`): returns the new state and whether the gradient
+  is an outlier. A non-finite or zero gradient is not recorded."""
+  sq = sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+           for g in jax.tree.leaves(grads)
+           if jnp.issubdtype(jnp.asarray(g).dtype, jnp.inexact))
+  sq = jnp.asarray(sq, jnp.float32)
+  if axis_name is not None:  # every replica decides alike
+    sq = jax.lax.pmean(sq, axis_name)
+  seen = jnp.logical_and(finite, sq > 0)
+  value = jnp.log(jnp.where(seen, sq, 1.0))
+  outlier = jnp.logical_and(seen, value > state.log_threshold)
+  new, log_threshold = _relative.observe(
+      state, value, seen, state.log_threshold, window=_GRAD_WINDOW,
+      multiple=multiple, z=_GRAD_Z)
+  new = new._replace(log_threshold=jnp.where(seen, log_threshold,
+                                             state.log_threshold))
+  return new, outlier
+
+
+def _refused(ebc_state: Any) -> jax.Array:
+  """Whether the step just taken was refused: ``c = 0`` with ``S > 0``."""
+  clip = jax.tree.leaves(ebc_state, is_leaf=lambda x: isinstance(
+      x, _clip.BudgetClipState))
+  clip = next(x for x in clip if isinstance(x, _clip.BudgetClipState))
+  return jnp.logical_and(clip.clip_scale <= 0, clip.surrogate > 0)
+
+
+def _select(keep_old: jax.Array, old: Any, new: Any) -> Any:
+  """``old`` where ``keep_old``, else ``new``, leaf by leaf (dtypes kept)."""
+  return jax.tree.map(
+      lambda a, b: jnp.where(keep_old, a, b).astype(jnp.asarray(b).dtype),
+      old, new)

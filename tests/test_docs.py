@@ -19,7 +19,7 @@ def test_readme_quickstart_runs(capsys):
 def test_readme_test_command_is_what_ci_runs():
   text = README.read_text()
   ci = (README.parent / ".ci" / "run").read_text()
-  command = 'pip install -e ".[test]" && python -m pytest -q'
+  command = 'pip install -e ".[test,zoo]" && python -m pytest -q'
   assert command in text and command in ci
   assert 'pip install -e ".[experiments]" && ebc-optax ablate' in text
 

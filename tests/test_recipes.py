@@ -15,6 +15,12 @@ def test_seeds_recipe_holds_the_seed_documents_numbers():
           r["guard"]) == (0.05, 20, 2, 200, "l1", "bound", "pi", True)
 
 
+def _blocks_only(params):
+  """Per leaf, whether the budget holds it: the blocks (embed / head out)."""
+  return tuple(jax.tree_util.keystr(path).startswith("['blocks']")
+               for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+
+
 def test_seeds_recipe_is_the_seeds_pieces_with_their_gains(tiny):
   """The recipe through wrap equals the seeds' composition assembled by hand:
   L1 surrogate in the bound metric, PI controller (k_p 0.15, k_i 0.02,
@@ -28,7 +34,8 @@ def test_seeds_recipe_is_the_seeds_pieces_with_their_gains(tiny):
           ebc_optax.budget_clip(est, target_kl=0.05, aggregate="l1"), est,
           target_kl=0.05, guard=True, probe_every=20,
           controller=ebc_optax.pi_controller(kp=0.15, ki=0.02, half_life=250,
-                                             delta_min=0.01, delta_max=0.30)),
+                                             delta_min=0.01, delta_max=0.30),
+          budgeted_leaves=_blocks_only),
       check_updates=False))
   recipe = ebc_optax.wrap(optax.adam(0.05), tiny_logits_fn,
                           **ebc_optax.SEEDS_RECIPE)
@@ -36,7 +43,8 @@ def test_seeds_recipe_is_the_seeds_pieces_with_their_gains(tiny):
   got, p_got = telemetry_per_step(recipe, params, batch, 42)
   for a, b in zip(got, want):
     for key in b:  # a small step's KL cancels in float32: reduction order
-      rtol = 1e-4 if key in ("applied_kl", "applied_change", "rho") else 1e-5
+      rtol = 1e-4 if key in ("applied_kl", "applied_change", "budgeted_change",
+                             "rho") else 1e-5
       np.testing.assert_allclose(a[key], b[key], rtol=rtol, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-7), p_got, p_want)

@@ -13,7 +13,9 @@ from conftest import next_token_loss, tiny_logits_fn
 
 ALWAYS = {"c", "S", "tau", "delta", "guard_factor", "update_norm", "beta",
           "contribution", "step", "clipped_steps"}
-PROBE = {"applied_kl", "applied_change", "rho", "probe_count"}
+PROBE = {"applied_kl", "applied_change", "budgeted_change", "rho",
+         "probe_count"}
+RELATIVE = {"outliers", "outlier_run"}  # the default controller
 
 
 def test_before_the_first_step_nothing_reads_as_measured(tiny):
@@ -31,11 +33,14 @@ def test_before_the_first_step_nothing_reads_as_measured(tiny):
     (lambda: ebc_optax.budget_clip(ebc_optax.sensitivity_estimator(
         tiny_logits_fn)), ALWAYS),
     (lambda: ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, guard=False),
-     ALWAYS | PROBE | {"nonfinite_skips"}),
+     ALWAYS | PROBE | RELATIVE | {"nonfinite_skips"}),
+    # The default: the relative radius, no guard (see ellipsotope_budget_clip).
     (lambda: ebc_optax.ellipsotope_budget_clip(tiny_logits_fn),
-     ALWAYS | PROBE | {"guard_trips", "nonfinite_skips"}),
+     ALWAYS | PROBE | RELATIVE | {"nonfinite_skips"}),
+    (lambda: ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, guard=True),
+     ALWAYS | PROBE | RELATIVE | {"guard_trips", "nonfinite_skips"}),
     (lambda: ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, aggregate="exact"),
-     ALWAYS | PROBE | {"guard_trips", "nonfinite_skips", "S_lin", "calibration"}),
+     ALWAYS | PROBE | RELATIVE | {"nonfinite_skips", "S_lin", "calibration"}),
     (lambda: ebc_optax.ellipsotope_budget_clip(
         tiny_logits_fn, controller="trust_region",
         loss_fn=lambda z, b: jnp.mean(z ** 2)),
@@ -43,8 +48,10 @@ def test_before_the_first_step_nothing_reads_as_measured(tiny):
                        "predicted_loss_change", "tr_accepted", "tr_shrunk",
                        "tr_grown"}),
     (lambda: ebc_optax.wrap(optax.adam(1e-3), tiny_logits_fn),
-     ALWAYS | PROBE | {"guard_trips", "nonfinite_skips", "notfinite_count",
-                       "total_notfinite"}),
+     ALWAYS | PROBE | RELATIVE | {"nonfinite_skips", "notfinite_count",
+                                 "total_notfinite", "refused_count",
+                                 "total_refused", "grad_outliers",
+                                 "grad_outlier_run"}),
 ])
 def test_pieces_absent_from_the_composition_are_absent(tiny, build, keys):
   _, params, _, _ = tiny
@@ -85,7 +92,15 @@ def test_values_follow_the_state_over_a_run(tiny):
                                  ebc_optax.per_token_kl(z, z_new), rtol=1e-4)
       change = float(ebc_optax.per_token_change_norm(z_new - z, z))
       np.testing.assert_allclose(stats["applied_change"], change, rtol=1e-4)
-      np.testing.assert_allclose(stats["rho"], change / (stats["c"] * stats["S"]),
+      # ρ compares like with like: the change of the budgeted leaves (the
+      # blocks) alone, against what S promised for them.
+      blocks_only = {**params, "blocks": optax.apply_updates(
+          params["blocks"], updates["blocks"])}
+      z_b = tiny_logits_fn(blocks_only, batch)
+      budgeted = float(ebc_optax.per_token_change_norm(z_b - z, z))
+      np.testing.assert_allclose(stats["budgeted_change"], budgeted, rtol=1e-4)
+      assert budgeted != pytest.approx(change, rel=1e-3)  # embed/head moved
+      np.testing.assert_allclose(stats["rho"], budgeted / (stats["c"] * stats["S"]),
                                  rtol=1e-4)
     params = optax.apply_updates(params, updates)
   assert clipped > 0

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import ebc_optax
@@ -112,12 +113,30 @@ def test_non_scalar_loss_fn_is_a_clear_error(tiny):
 
 
 @pytest.mark.parametrize("aggregate", ["l1", "exact"])
-def test_integer_leaf_in_a_budgeted_layer_is_named_by_path(tiny, aggregate):
+def test_integer_leaf_in_a_block_is_left_out_of_the_budget(tiny, aggregate):
+  # An integer leaf (a counter) is never part of a layer: the block is
+  # budgeted without it and the step runs.
   logits_fn, params, batch, _ = tiny
   params = {**params, "blocks": [{**params["blocks"][0],
                                   "count": jnp.zeros((), jnp.int32)},
                                  params["blocks"][1]]}
+  assert ebc_optax.budget_layers(params) == ("blocks/0", "blocks/1")
   tx = ebc_optax.ellipsotope_budget_clip(logits_fn, aggregate=aggregate)
   grads = jax.tree.map(lambda x: jnp.ones_like(x, jnp.float32), params)
-  with pytest.raises(ValueError, match=r"'blocks/0/count' has dtype int32"):
-    tx.update(grads, tx.init(params), params, batch=batch)
+  _, state = tx.update(grads, tx.init(params), params, batch=batch)
+  assert np.isfinite(float(ebc_optax.telemetry(state)["S"]))
+
+
+
+def test_logits_fn_returning_a_tuple_or_no_vocab_axis_is_named(tiny):
+  logits_fn, params, batch, _ = tiny
+  grads = jax.tree.map(jnp.ones_like, params)
+  as_tuple = ebc_optax.ellipsotope_budget_clip(
+      lambda p, x: (logits_fn(p, x), jnp.zeros(())))
+  with pytest.raises(ValueError, match="got a tuple of 2 items"):
+    as_tuple.update(grads, as_tuple.init(params), params, batch=batch)
+  # [B, T] tokens in, [B, T] out: per-token numbers, no vocab axis.
+  no_vocab = ebc_optax.ellipsotope_budget_clip(
+      lambda p, x: logits_fn(p, x).sum(-1))
+  with pytest.raises(ValueError, match="vocab axis is missing"):
+    no_vocab.update(grads, no_vocab.init(params), params, batch=batch)

@@ -127,9 +127,56 @@ def test_lr_times_100_stays_finite(tiny):
     ({"max_consecutive_errors": 1.5}, "max_consecutive_errors"),
     ({"after": "decay"}, "after must be an optax"),
     ({"target_kl": 0.0}, "target_kl"),
+    ({"skip_refused": 1}, "skip_refused"),
 ])
 def test_bad_arguments_are_clear_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     ebc_optax.wrap(optax.adam(1e-3), tiny_logits_fn, **kwargs)
   with pytest.raises(ValueError, match="base_optimizer"):
     ebc_optax.wrap(optax.adam, tiny_logits_fn)
+
+
+def _refusing_run(params, batch, skip_refused):
+  """SGD with momentum + the default relative radius (window 8); step 12's
+  gradient is ×100 (an outlier, refused). Returns the base state after each
+  step and the refusal counters."""
+  tx = ebc_optax.wrap(optax.sgd(1e-2, momentum=0.9), tiny_logits_fn,
+                      controller=ebc_optax.relative_radius(window=8),
+                      probe_batch_size=None, skip_refused=skip_refused)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, scale):
+    grads = jax.grad(next_token_loss)(params, batch)
+    grads = jax.tree.map(lambda g: g * scale, grads)
+    updates, state = tx.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state
+
+  bases, counts = [], []
+  for t in range(16):
+    params, state = step(params, state, jnp.float32(100.0 if t == 12 else 1.0))
+    bases.append(state.base_state)
+    stats = ebc_optax.telemetry(state)
+    counts.append((int(stats["refused_count"]), int(stats["total_refused"]),
+                   float(stats["c"])))
+  return bases, counts
+
+
+def test_a_refused_step_leaves_the_base_state_untouched(tiny):
+  _, params, batch, _ = tiny
+  bases, counts = _refusing_run(params, batch, skip_refused=True)
+  refused = [t for t, (_, _, c) in enumerate(counts) if c == 0.0]
+  assert refused, counts  # the spike was refused...
+  for t in refused:  # ... and Adam's state did not move on it
+    chex.assert_trees_all_equal(bases[t], bases[t - 1])
+  assert refused == [12] and counts[12][:2] == (1, 1)
+  assert counts[-1] == (0, 1, 1.0)  # the steps after it pass again
+  # Off: the momentum takes the spike in, as in the chain form, and replays
+  # it: the steps after the spike are outliers too.
+  off, counts = _refusing_run(params, batch, skip_refused=False)
+  assert counts[12][2] == 0.0 and counts[-1][1] > 1
+  trace = lambda b: jax.tree.leaves(b)
+  assert max(float(jnp.abs(a - b).max()) for a, b in zip(
+      trace(off[12]), trace(off[11]))) > 10 * max(
+          float(jnp.abs(a - b).max()) for a, b in zip(trace(bases[13]),
+                                                       trace(bases[12])))

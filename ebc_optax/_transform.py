@@ -148,9 +148,10 @@ def ellipsotope_budget_clip(
       relative radius. There the threshold is a multiple of the surrogate's
       own trend, so a bias of the surrogate — constant, or slowly varying
       like a stale ``β`` — cancels, and an absolute correction only holds
-      ordinary steps below the radius: on Hugging Face Llama around Adam,
-      stale ``β`` put ``ρ`` at 0.8–2.4 and the guard refused 13% of the steps
-      (``benchmarks/RESULTS.md``, *Zoo*). The probe still measures ``ρ``.
+      ordinary steps below the radius: on Hugging Face Llama with a warm-up,
+      stale ``β`` put ``ρ`` at 0.7–2.5 and the guard refused 69 of 300
+      steps (``benchmarks/RESULTS.md``, *Zoo*). The probe still measures
+      ``ρ``.
     probe_every: steps between applied-KL probes (>= 0; 0 disables them, and
       with them the controller and the guard).
     loss_fn: ``(logits, batch) -> scalar mean loss`` on the probe rows, for

@@ -97,7 +97,9 @@ def wrap(
   the default relative radius) is skipped whole as well when
   ``skip_refused`` (the default): the base and ``after`` states stay as they
   were, so a refused batch leaves no trace — Adam's moments do not take the
-  burst's gradients in and replay them once the refusals end. EBC's own state
+  burst's gradients in and replay them once the refusals end. Integer leaves
+  (step counters) still advance: schedules follow the training step, as a
+  PyTorch LR scheduler does when a step is skipped. EBC's own state
   does move (its controller records the refusal: that is how a lasting
   change of the step size is eventually let through, see
   :func:`relative_radius`). Refusals are counted in ``refused_count``
@@ -256,7 +258,20 @@ def _refused(ebc_state: Any) -> jax.Array:
 
 
 def _select(keep_old: jax.Array, old: Any, new: Any) -> Any:
-  """``old`` where ``keep_old``, else ``new``, leaf by leaf (dtypes kept)."""
-  return jax.tree.map(
-      lambda a, b: jnp.where(keep_old, a, b).astype(jnp.asarray(b).dtype),
-      old, new)
+  """The floating-point leaves of ``old`` where ``keep_old``, else of ``new``;
+  integer leaves (step counters) always from ``new``.
+
+  A refused batch leaves no trace in what the base estimates (moments, its
+  step-size estimate), but time passes: ``count``, and every schedule read
+  from it (warm-up, decay, an injected LR), advances as it would with an
+  applied step — as a PyTorch LR scheduler steps when a step is skipped.
+  Holding the count instead would replay a schedule's spike once the
+  refusals end.
+  """
+  def pick(a, b):
+    b = jnp.asarray(b)
+    if not jnp.issubdtype(b.dtype, jnp.inexact):
+      return b
+    return jnp.where(keep_old, a, b).astype(b.dtype)
+
+  return jax.tree.map(pick, old, new)

@@ -7,7 +7,8 @@ GPT-2 and llama, ``eqx.nn``, linen auto-named / named / ``nn.scan``, NNX
 steps, ``prodigy``), :func:`~ebc_optax.experiments.zoo.compare` trains the base
 alone and ``ebc_optax.wrap(base, ...)`` from one init on identical batches of
 a Markov language, and the script prints a markdown table: refused steps
-(``c = 0``, ``S > 0``), cut steps (``0 < c < 0.999``), final train loss (mean
+(``c = 0`` with ``S > 0``, or the batch refused by ``wrap``'s gradient-norm
+check), cut steps (``0 < c < 0.999``), final train loss (mean
 of the last 20 steps) EBC / base and their ratio, the range of the probe's
 ``ρ``, and the compiles of each arm's step (one program per arm serves every
 base and the burst run of a model). Then the burst check: the windows of

@@ -280,3 +280,60 @@ def test_a_lasting_jump_of_the_gradient_is_let_through_under_wrap(skip_refused):
   # tests, which escalate side by side; then training goes on: at most the
   # noise's 1-2% of later steps refused.
   assert (refused >= 150).sum() <= 3, refused
+
+
+def test_the_nnx_optimizer_loop_trains_300_steps_unrefused():
+  """``nnx.Optimizer(model, wrap(adam, ...))``, the NNX-native loop, 300 steps
+  of a learnable language: as the plain ``nnx.Optimizer(model, adam)`` on the
+  same batches, with no step refused and telemetry read from its state."""
+  nnx = pytest.importorskip("flax.nnx")
+  batches = _markov_batches(300, seed=1)
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.embed = nnx.Embed(16, 8, rngs=rngs)
+      self.blocks = nnx.List([nnx.Linear(8, 8, rngs=rngs) for _ in range(2)])
+      self.lm_head = nnx.Linear(8, 16, rngs=rngs)
+
+    def __call__(self, tokens):
+      h = self.embed(tokens)
+      for block in self.blocks:
+        h = h + jnp.tanh(block(h))
+      return self.lm_head(h)
+
+  def run(with_ebc):
+    model = Model(nnx.Rngs(0))
+    graphdef, _ = nnx.split(model, nnx.Param)
+    logits_fn = lambda params, batch: nnx.merge(graphdef, params)(batch)
+    tx = (ebc_optax.wrap(optax.adam(2e-3), logits_fn) if with_ebc
+          else optax.adam(2e-3))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    traces = [0]
+
+    @nnx.jit
+    def step(model, optimizer, batch):
+      traces[0] += 1
+
+      def loss(model):
+        logp = jax.nn.log_softmax(model(batch)[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(logp, batch[:, 1:, None], -1))
+
+      value, grads = nnx.value_and_grad(loss)(model)
+      if with_ebc:
+        optimizer.update(model, grads, batch=batch)
+        stats = ebc_optax.telemetry(optimizer.opt_state)
+        return value, stats["total_refused"] + stats["grad_outliers"]
+      optimizer.update(model, grads)
+      return value, jnp.int32(0)
+
+    losses = []
+    for b in batches:
+      value, refused = step(model, optimizer, jnp.asarray(b))
+      losses.append(float(value))
+    assert traces[0] == 1
+    return np.mean(losses[-30:]), int(refused)
+
+  base_loss, _ = run(False)
+  ebc_loss, refused = run(True)
+  assert refused <= 3, refused
+  assert abs(ebc_loss / base_loss - 1) <= 0.01, (ebc_loss, base_loss)

@@ -88,8 +88,8 @@ def wrap(
   :func:`relative_radius`), so a start-up, a warm-up or a decay is followed
   and no refusal lasts for ever — is refused too: a zero update, and the base
   and ``after`` states untouched (counted in ``grad_state.outliers``). EBC
-  still measures its step, so its own test and its escalation run alongside. It catches what the step's
-  logit-space size cannot: Adam normalises a burst of bad batches, so its
+  still measures its step, so its own test and its escalation run alongside.
+  It catches what the step's logit-space size cannot: Adam normalises a burst of bad batches, so its
   step only ramps up ×1.1–1.2 per step — the pace of a growth phase — while
   the gradient norm jumps at once.
 

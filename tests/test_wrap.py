@@ -180,3 +180,27 @@ def test_a_refused_step_leaves_the_base_state_untouched(tiny):
       trace(off[12]), trace(off[11]))) > 10 * max(
           float(jnp.abs(a - b).max()) for a, b in zip(trace(bases[13]),
                                                        trace(bases[12])))
+
+
+def test_a_refused_batch_keeps_the_moments_but_the_count_advances(tiny):
+  """Adam, a ×100 gradient at step 40 (refused by the gradient-norm check):
+  ``mu`` and ``nu`` are as before it, ``count`` has advanced (schedules follow
+  the training step)."""
+  _, params, batch, _ = tiny
+  tx = ebc_optax.wrap(optax.adam(1e-2), tiny_logits_fn, probe_batch_size=None)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, scale):
+    grads = jax.tree.map(lambda g: g * scale,
+                         jax.grad(next_token_loss)(params, batch))
+    updates, state = tx.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state
+
+  for t in range(41):
+    before = state.base_state[0]
+    params, state = step(params, state, jnp.float32(100.0 if t == 40 else 1.0))
+  adam = state.base_state[0]
+  assert int(ebc_optax.telemetry(state)["grad_outliers"]) == 1
+  chex.assert_trees_all_equal((adam.mu, adam.nu), (before.mu, before.nu))
+  assert int(adam.count) == int(before.count) + 1 == 41

@@ -108,20 +108,6 @@ class RelativeRadiusState(NamedTuple):
   outlier_run: jax.Array
 
 
-def window_threshold(log_step_kl: jax.Array, filled: jax.Array,
-                     multiple: float) -> jax.Array:
-  """``multiple · exp(median(log K))`` once the window is ``filled``, else
-  :data:`UNSET_DELTA` (float32): the level's threshold on its own.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> float(window_threshold(jnp.log(jnp.array([1., 2., 100.])), True, 4.))
-    8.0
-  """
-  median = jnp.exp(jnp.median(jnp.asarray(log_step_kl, jnp.float32)))
-  return jnp.where(filled, multiple * median, UNSET_DELTA).astype(jnp.float32)
-
-
 def robust_trend(steps: jax.Array, values: jax.Array, at: jax.Array,
                  max_slope: float = MAX_LOG_GROWTH
                  ) -> tuple[jax.Array, jax.Array]:

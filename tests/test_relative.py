@@ -136,11 +136,6 @@ def test_ordinary_steps_pass_and_an_outlier_is_cut(tiny):
   assert cs[15] < 0.05
 
 
-def test_window_threshold_example():
-  got = _relative.window_threshold(jnp.log(jnp.array([1.0, 2.0, 100.0])), True, 4.0)
-  assert float(got) == pytest.approx(8.0)
-
-
 def test_bad_arguments_raise_naming_them():
   with pytest.raises(ValueError, match="multiple"):
     ebc_optax.relative_radius(multiple=1.0)

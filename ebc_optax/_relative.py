@@ -226,21 +226,25 @@ def init_tracker(kind: type, window: int, trend: int, **extra: Any) -> Any:
 
 def observe(state: Any, value: jax.Array, seen: jax.Array,
             log_threshold: jax.Array, *, window: int, multiple: float,
-            z: float) -> tuple[Any, jax.Array]:
+            z: float, min_fill: int | None = None,
+            clamp_outliers: bool = True) -> tuple[Any, jax.Array]:
   """Records one observation ``value`` (a log) judged against
   ``log_threshold``; returns the new state and the next log threshold
-  (:data:`LOG_UNSET` while the window fills).
+  (:data:`LOG_UNSET` until ``min_fill`` observations, default ``window``,
+  are recorded; before the window is full the level is the median of the
+  recorded ones).
 
   An observation above the threshold is an outlier: it enters the level's
-  window at the threshold and not the trend. ``seen=False`` records nothing.
+  window at the threshold (at its own value with ``clamp_outliers=False``)
+  and not the trend. ``seen=False`` records nothing.
   """
   trend = state.trend_log_kl.shape[0]
   outlier = jnp.logical_and(seen, value > log_threshold)
   accepted = jnp.logical_and(seen, ~outlier)
   now = state.median_steps
+  entry = jnp.minimum(value, log_threshold) if clamp_outliers else value
   level_buf = jnp.where(
-      seen, state.log_step_kl.at[now % window].set(
-          jnp.minimum(value, log_threshold)), state.log_step_kl)
+      seen, state.log_step_kl.at[now % window].set(entry), state.log_step_kl)
   slot = state.trend_count % trend
   trend_y = jnp.where(accepted, state.trend_log_kl.at[slot].set(value),
                       state.trend_log_kl)
@@ -248,9 +252,11 @@ def observe(state: Any, value: jax.Array, seen: jax.Array,
                       state.trend_step)
   steps = now + seen.astype(jnp.int32)
   fitted, spread = robust_trend(trend_t, trend_y, steps)
-  log_new = relative_threshold(fitted, spread, jnp.median(level_buf),
-                               multiple, z)
-  log_new = jnp.where(steps >= window, log_new, LOG_UNSET)
+  filled = jnp.arange(window) < steps
+  level = jnp.nanmedian(jnp.where(filled, level_buf, jnp.nan))
+  log_new = relative_threshold(fitted, spread, level, multiple, z)
+  ready = window if min_fill is None else min(min_fill, window)
+  log_new = jnp.where(steps >= ready, log_new, LOG_UNSET)
   return state._replace(
       log_step_kl=level_buf, median_steps=steps, trend_log_kl=trend_y,
       trend_step=trend_t,

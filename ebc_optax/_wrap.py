@@ -25,7 +25,16 @@ from ebc_optax import _validation
 # while Adam's normalised step grows only gradually (×1.1–1.2 per step) and
 # would pass as a trend.
 GRAD_NORM_MULTIPLE = 2.25
-_GRAD_WINDOW, _GRAD_TREND, _GRAD_Z = 32, 24, 3.5
+# The gradient check's level window: 128 batches, as the field's skip-step
+# rules (OLMo-core, Levanter): a burst of up to 64 consecutive bad batches is
+# refused whole (with 32, bursts longer than ~16 steps got through: the spike
+# suite's long bursts). An outlier enters the level at its own value, so a
+# lasting change of the gradient norm, whatever its size, passes once it
+# holds half the window: after ~65 refusals (at the threshold, as the step
+# test does, a ×10 gradient would wait ~6 half windows). It judges from the
+# 32nd batch on (the level is the median of what the window holds until it
+# is full). Trend line over 24 accepted batches, z 3.5.
+_GRAD_WINDOW, _GRAD_MIN_FILL, _GRAD_TREND, _GRAD_Z = 128, 32, 24, 3.5
 
 
 class WrapState(NamedTuple):
@@ -85,8 +94,11 @@ def wrap(
   A batch whose gradient is an outlier of the run's own gradient norms —
   ``‖g‖²`` more than ``grad_norm_multiple`` (2.25) times its trend, by the
   relative radius's rule (a robust trend line and a window median, see
-  :func:`relative_radius`), so a start-up, a warm-up or a decay is followed
-  and no refusal lasts for ever — is refused too: a zero update, and the base
+  :func:`relative_radius`, its level the median of the last 128 batches,
+  judging from the 32nd), so a start-up, a warm-up or a decay is followed, a
+  burst of up to 64 bad batches is refused whole and no refusal lasts for
+  ever (a lasting change passes after ~65) — is refused too: a zero update,
+  and the base
   and ``after`` states untouched (counted in ``grad_state.outliers``). EBC
   still measures its step, so its own test and its escalation run alongside.
   It catches what the step's logit-space size cannot: Adam normalises a burst of bad batches, so its
@@ -243,7 +255,8 @@ def _check_gradient(state: Any, grads: Any, finite: jax.Array,
   outlier = jnp.logical_and(seen, value > state.log_threshold)
   new, log_threshold = _relative.observe(
       state, value, seen, state.log_threshold, window=_GRAD_WINDOW,
-      multiple=multiple, z=_GRAD_Z)
+      multiple=multiple, z=_GRAD_Z, min_fill=_GRAD_MIN_FILL,
+      clamp_outliers=False)
   new = new._replace(log_threshold=jnp.where(seen, log_threshold,
                                              state.log_threshold))
   return new, outlier

@@ -462,3 +462,27 @@ def test_kill_during_a_checkpoint_write_resumes_to_the_uninterrupted_run(
   want = train_lib.restore_checkpoint(train_lib.latest_checkpoint(tmp_path / "full"),
                                       *template)[:2]
   jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+# --- the spike guards -------------------------------------------------------------
+
+@pytest.mark.parametrize("sets", [
+    ['optim.clip="skip_step"', "optim.skip_keep_skipped=false"],
+    ['optim.clip="zclip"'], ['optim.clip="agc"'], ['optim.clip="update_clip"'],
+    ['optim.clip="global"'], ['optim.optimizer="spam"'],
+    ['optim.optimizer="stable_adamw"'],
+    ['optim.clip="ebc"', "optim.ebc_skip_refused=false"]])
+def test_every_spike_guard_trains_and_counts_its_decisions(tmp_path, sets):
+  cfg = smoke(*sets, "train.steps=30", 'train.burst="random"',
+              "train.burst_start=12", "train.burst_steps=3")
+  summary = train_lib.train(cfg, tmp_path / "run")
+  assert summary["status"] == "ok" and summary["steps"] == 30
+  assert math.isfinite(summary["val_loss"])
+  assert len(summary["burst_decisions"]) == 3
+  assert set(summary["burst_decisions"]) <= {0, 1, 2}
+  assert 0 <= summary["guard_skipped"] + summary["guard_clipped"] <= 30
+
+
+def test_peer_guards_are_validated_against_the_schedule_free_base():
+  with pytest.raises(ValueError, match="not built around the schedule-free"):
+    smoke('optim.optimizer="schedule_free"', 'optim.clip="zclip"')

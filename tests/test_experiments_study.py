@@ -70,6 +70,53 @@ def test_burst_window_and_lr_schedule():
   assert bursts.learning_rate(0.1, "random", start=2, steps=2, factor=30.0) == 0.1
 
 
+def test_long_recurring_and_quarter_kinds():
+  """The kinds that break median and z-score detectors: their own lengths,
+  one bad batch every 50 steps, a quarter of the rows."""
+  assert [bursts.burst_length(k, 10) for k in ("random", "long20", "long50",
+                                               "recurring", "quarter")] == [
+      10, 20, 50, 451, 100]
+  assert bursts.bad_steps("recurring", 100, 451) == list(range(100, 551, 50))
+  assert bursts.bad_steps("long20", 5, 20) == list(range(5, 25))
+  key = jax.random.PRNGKey(0)
+  inputs = jax.random.randint(key, (8, 9), 0, 20)
+  targets = jnp.roll(inputs, -1, axis=1)
+  i, t = bursts.corrupt_batch("quarter", inputs, targets, key, 20)
+  assert (i[2:] == inputs[2:]).all() and (t[2:] == targets[2:]).all()
+  assert not (i[:2] == inputs[:2]).all() and (i[:2, 1:] == t[:2, :-1]).all()
+  clean = jnp.zeros((2, 3), jnp.int32) + 7
+  hits = [s for s in range(0, 200)
+          if not bool((bursts.burst_batch("recurring", jnp.int32(s), clean, clean,
+                                           key, start=20, steps=451,
+                                           vocab_size=5)[0] == 7).all())]
+  assert hits == [20, 70, 120, 170]
+  # Evaluations: before, inside (after each bad batch) and after the last one.
+  pts = bursts.eval_points("recurring", 20, 10, (0, 10), 1000)
+  assert pts == (19, 20, 70, 120, 170, 220, 270, 320, 370, 420, 470, 480)
+  assert bursts.eval_points("quarter", 20, 10, (0, 10), 1000) == (
+      19, 44, 69, 94, 119, 129)
+  union = bursts.all_eval_points(20, 10, (0, 10), 1000)
+  assert set(pts) <= set(union) and set(
+      bursts.eval_points("lr", 20, 10, (0, 10), 1000)) <= set(union)
+  cfg = config_lib.load(SMOKE, ['train.burst="long50"', "train.steps=100",
+                                "train.burst_start=10"])
+  assert cfg.train.burst_window == (10, 50)
+  with pytest.raises(ValueError, match="inside the run"):
+    config_lib.load(SMOKE, ['train.burst="quarter"', "train.steps=100",
+                            "train.burst_start=10"])
+
+
+def test_burst_metrics_count_the_guards_decisions():
+  run = {"evals": [[4, 1.0], [5, 1.5], [10, 1.2], [14, 1.0]], "val_loss": 1.0,
+         "burst_decisions": [2, 0, 0, 0, 0, 1]}
+  ref = {"evals": [[4, 1.0], [5, 1.0], [10, 1.0], [14, 1.0]], "val_loss": 1.0}
+  m = spikes.burst_metrics(run, ref, start=5, steps=6, offsets=(0, 4),
+                           kind="long20")
+  assert m["peak"] == pytest.approx(0.5) and m["jump"] == pytest.approx(0.2)
+  assert m["bad_skipped"] == (1, 6) and m["bad_clipped"] == (1, 6)
+  assert spikes.run_length([2, 2, 0, 1]) == "2×2 0×1 1×1"
+
+
 def test_burst_config_is_validated():
   with pytest.raises(ValueError, match="train.burst must be one of"):
     config_lib.load(SMOKE, ['train.burst="nan"'])

@@ -191,3 +191,23 @@ def test_random_token_burst_is_refused(model_name):
       f"c in the burst {np.round(r['c'][start:start + length], 3).tolist()}; "
       + _describe(r))
   assert (r["compiles_base"], r["compiles_ebc"]) == (1, 1)
+
+
+def test_spike_compare_pairs_each_guard_with_its_clean_run():
+  """A 5-step burst once the loss has settled (the skip-step is warm): the left-out
+  skip-step refuses it whole and is damaged far less than Adam; the clean
+  runs skip nothing; the table pairs seeds and ratios to Adam."""
+  rows = zoo.spike_compare("linen_auto", ("adam", "skipstep_leftout"),
+                           bursts={"random": (195, 5)}, seeds=(0,), steps=220)
+  by = {r["guard"]: r for r in rows}
+  assert set(by) == {"adam", "skipstep_leftout"}
+  assert by["skipstep_leftout"]["skipped_in_burst"] == 1.0
+  assert by["adam"]["skipped_in_burst"] == 0.0
+  assert by["skipstep_leftout"]["clean_skipped"] == 0
+  assert by["skipstep_leftout"]["peak"] < 0.2 * by["adam"]["peak"]
+  table = {t["guard"]: t for t in zoo.spike_table(rows)}
+  assert table["adam"]["vs_adam"] == pytest.approx(1.0)
+  assert table["skipstep_leftout"]["vs_adam"] == pytest.approx(
+      by["skipstep_leftout"]["peak"] / by["adam"]["peak"])
+  with pytest.raises(ValueError, match="guard must be one of"):
+    zoo.guard_arm("linen_auto", "nope")

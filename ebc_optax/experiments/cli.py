@@ -7,6 +7,7 @@ import datetime
 import pathlib
 import sys
 
+from ebc_optax.experiments import bursts
 from ebc_optax.experiments import config as config_lib
 
 DEFAULT_OUT = pathlib.Path("outputs")
@@ -258,10 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, default=None,
                  help="steps per run (default: the study preset, 1500)")
   p.add_argument("--arms", type=_csv(str), default=None,
-                 help="arms (default: the study's peer arms)")
-  p.add_argument("--kinds", type=_csv(str),
-                 default=["repeat", "random", "markov", "shuffle", "lr"],
-                 help="burst kinds")
+                 help="arms (default: Adam, EBC's default and the spike guards "
+                      "of study.guard_arms)")
+  p.add_argument("--kinds", type=_csv(str), default=list(bursts.BURST_KINDS[1:]),
+                 help=f"burst kinds, from {list(bursts.BURST_KINDS[1:])}")
   p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2])
   p.add_argument("--workers", type=int, default=1,
                  help="runs trained at once, one CPU core each")

@@ -22,8 +22,11 @@ from ebc_optax.experiments import bursts
 
 DTYPES = ("float32", "bfloat16")
 DATASETS = ("markov", "shakespeare", "text")
-OPTIMIZERS = ("adam", "muon", "sgd", "prodigy", "schedule_free")
-CLIPS = ("none", "global", "ebc", "energy")
+OPTIMIZERS = ("adam", "muon", "sgd", "prodigy", "schedule_free", "spam",
+              "stable_adamw")
+# The clipping arm: EBC, or a peer guard (ebc_optax.experiments.guards).
+CLIPS = ("none", "global", "ebc", "energy", "agc", "zclip", "skip_step",
+         "update_clip")
 SPECTRAL = ("none", "spec_normalize", "hard_cap", "spec_hammer")
 BURST_KINDS = bursts.BURST_KINDS
 
@@ -60,8 +63,16 @@ class OptimConfig:
 
   ``optimizer``: ``adam``, ``muon``, ``sgd``, ``prodigy``
   (``optax.contrib.prodigy``; ``lr`` is its learning-rate multiplier, 1.0 by
-  its own default) or ``schedule_free`` (``optax.contrib.schedule_free_adamw``,
-  evaluated at ``schedule_free_eval_params``).
+  its own default), ``schedule_free`` (``optax.contrib.schedule_free_adamw``,
+  evaluated at ``schedule_free_eval_params``), or the spike-guarding Adams
+  ``spam`` and ``stable_adamw`` (:mod:`ebc_optax.experiments.guards`).
+
+  ``clip``: ``none``, ``global`` (``optax.clip_by_global_norm`` before the
+  base), ``ebc`` (:func:`ebc_optax.wrap`), ``energy``, ``agc``
+  (``optax.adaptive_grad_clip`` before the base), ``zclip`` (before the
+  base), ``skip_step`` (around the base and the decay) or ``update_clip``
+  (Levanter's historical update-norm clip after the base); the peers take
+  their published defaults (:mod:`ebc_optax.experiments.guards`).
   """
   optimizer: str = "adam"
   lr: float = 2e-3
@@ -72,6 +83,16 @@ class OptimConfig:
   clip: str = "none"  # "none" | "global" | "ebc" | "energy"
   global_clip_norm: float = 1.0
   energy_ratio: float = 0.1  # clip="energy": ‖∇L_ℓ‖ ≤ energy_ratio · ‖a_ℓ‖
+  agc_clipping: float = 0.01  # clip="agc": NFNets' λ (‖G‖/‖W‖ per unit)
+  # clip="skip_step": record skipped steps' values (OLMo-core, Levanter) or
+  # not (axlearn); keep the base's state on a skipped step or let it absorb.
+  skip_keep_skipped: bool = True
+  skip_keep_state: bool = True
+  # clip="ebc": ebc_optax.wrap's skip_refused (False: the base absorbs) and
+  # its gradient-norm check (False: grad_norm_multiple=None, EBC's radius
+  # is the only detector).
+  ebc_skip_refused: bool = True
+  ebc_grad_check: bool = True
   spectral: str = "none"
   w_max: float = 1.0
   spectral_method: str = "power"  # or "svd"
@@ -104,9 +125,11 @@ class TrainConfig:
 
   @property
   def burst_window(self) -> tuple[int, int]:
-    """``(first burst step, number of burst steps)``."""
+    """``(first burst step, number of steps from the first corrupted step
+    to the last)``: ``burst_steps``, or the kind's own length
+    (:data:`ebc_optax.experiments.bursts.KIND_STEPS`)."""
     start = self.steps // 2 if self.burst_start is None else self.burst_start
-    return start, self.burst_steps
+    return start, bursts.burst_length(self.burst, self.burst_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +197,11 @@ def validate(cfg: Config) -> Config:
   if (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
       or not math.isfinite(ratio) or ratio <= 0):
     raise ValueError(f"optim.energy_ratio must be in (0, inf); got {ratio!r}.")
+  if cfg.optim.optimizer == "schedule_free" and cfg.optim.clip in (
+      "agc", "zclip", "skip_step", "update_clip"):
+    raise ValueError(
+        f"optim.clip={cfg.optim.clip!r} is not built around the schedule-free "
+        "base; use optim.optimizer adam, prodigy, sgd or muon with it.")
   if cfg.optim.clip == "ebc" and not cfg.ebc.enable:
     raise ValueError("optim.clip='ebc' contradicts ebc.enable=false; the EBC "
                      "arm is chosen with optim.clip.")

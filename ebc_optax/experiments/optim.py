@@ -1,7 +1,8 @@
 """The optimizer chain of a run: base optimizer, clipping arm, weight decay.
 
-Order, as in the seed study: ``[global clip | energy clip] -> base
-(LR-scaled) -> [EBC] -> [decoupled weight decay]``; with the schedule-free
+Order, as in the seed study: ``[global clip | energy clip | AGC | ZClip] ->
+base (LR-scaled) -> [EBC | update clip] -> [decoupled weight decay]``, or
+``skip_step(base -> decay)``; with the schedule-free
 base, EBC and the decay sit inside ``schedule_free`` on the step of its
 ``z`` sequence (see :func:`build_optimizer`). The EBC arm is
 :func:`ebc_optax.wrap` (a non-finite gradient is rejected before the base
@@ -26,6 +27,7 @@ import ebc_optax
 from ebc_optax import _config
 from ebc_optax.experiments import bursts
 from ebc_optax.experiments import config as config_lib
+from ebc_optax.experiments import guards
 
 
 def learning_rate(cfg: config_lib.Config):
@@ -66,6 +68,10 @@ def base_optimizer(cfg: config_lib.Config) -> optax.GradientTransformation:
   if o.optimizer == "schedule_free":
     return optax.contrib.schedule_free(_schedule_free_step(cfg),
                                        _schedule_free_lr(cfg), b1=o.b1)
+  if o.optimizer == "spam":
+    return guards.spam(lr, b1=o.b1, b2=o.b2)
+  if o.optimizer == "stable_adamw":
+    return guards.stable_adamw(lr, b1=o.b1, b2=o.b2)
   return optax.sgd(lr)
 
 
@@ -104,8 +110,9 @@ def build_optimizer(
     cfg: config_lib.Config,
     logits_fn: Callable[[Any, Any], Any],
 ) -> optax.GradientTransformationExtraArgs:
-  """The full chain for ``cfg``; ``update`` takes ``batch=inputs``, and for
-  ``optim.clip="energy"`` also ``activation_norms={label: norm}``."""
+  """The full chain for ``cfg``; ``update`` takes ``batch=inputs``, for
+  ``optim.clip="energy"`` also ``activation_norms={label: norm}``, and for
+  ``optim.clip="skip_step"`` also ``loss=<the batch's loss>``."""
   stacked = stacked_layers(cfg)
   decay = (optax.add_decayed_weights(-cfg.lr * cfg.optim.weight_decay)
            if cfg.optim.weight_decay else None)
@@ -120,10 +127,23 @@ def build_optimizer(
                              **kwargs)
       return optax.contrib.schedule_free(inner, _schedule_free_lr(cfg),
                                          b1=cfg.optim.b1)
-    return ebc_optax.wrap(base_optimizer(cfg), logits_fn, after=decay, **kwargs)
+    checks = {} if cfg.optim.ebc_grad_check else {"grad_norm_multiple": None}
+    return ebc_optax.wrap(base_optimizer(cfg), logits_fn, after=decay,
+                          skip_refused=cfg.optim.ebc_skip_refused, **checks,
+                          **kwargs)
+  if cfg.optim.clip == "skip_step":  # the whole step, decay included
+    inner = optax.chain(base_optimizer(cfg), decay or optax.identity())
+    return guards.skip_step(inner, keep_skipped=cfg.optim.skip_keep_skipped,
+                            keep_state=cfg.optim.skip_keep_state)
   parts = []
   if cfg.optim.clip == "global":
-    parts.append(optax.clip_by_global_norm(cfg.optim.global_clip_norm))
+    parts.append(guards.recording(
+        optax.clip_by_global_norm(cfg.optim.global_clip_norm)))
+  if cfg.optim.clip == "agc":
+    parts.append(guards.recording(
+        optax.adaptive_grad_clip(cfg.optim.agc_clipping)))
+  if cfg.optim.clip == "zclip":
+    parts.append(guards.zclip())
   if cfg.optim.clip == "energy":
     parts.append(ebc_optax.energy_budget_clip(cfg.optim.energy_ratio,
                                               stacked=stacked))
@@ -134,6 +154,8 @@ def build_optimizer(
         b1=cfg.optim.b1))
     return optax.chain(*parts)
   parts.append(base_optimizer(cfg))
+  if cfg.optim.clip == "update_clip":
+    parts.append(guards.clip_update_by_historical_norm())
   if decay is not None:
     parts.append(decay)
   return optax.chain(*parts)

@@ -42,14 +42,15 @@ from ebc_optax.experiments import study
 from ebc_optax.experiments import sweeps
 
 KINDS = tuple(k for k in bursts.BURST_KINDS if k != "none")
-# The arms of the suite by default: the study's peers (candidates included).
 RECOVERY_TOL = 0.02  # nats: "recovered" = within this of the no-burst run
 EARLY_OFFSET = 40  # steps after the burst of the table's first excess column
-EBC_PREFIXES = ("ebc", "fisher", "rel", "skip")  # arm names drawn solid
+EBC_PREFIXES = ("ebc", "fisher", "rel", "skip_")  # arm names drawn solid
 
 
 def default_arms() -> list[str]:
-  return [a.name for a in study.peer_arms()]
+  """Adam, EBC's default around it and the spike guards it is measured
+  against (:func:`study.guard_arms`)."""
+  return ["adam"] + [a.name for a in study.guard_arms()]
 
 
 def run_spikes(out_dir: pathlib.Path, *, base: dict[str, Any] | None = None,
@@ -97,9 +98,17 @@ def run_spikes(out_dir: pathlib.Path, *, base: dict[str, Any] | None = None,
   lrs, _ = study.tune(cfg, out_dir, {a.base for a in chosen}, tune_lrs,
                       progress, workers, tune_extensions)
   runs = []
+  total = cfg.train.steps
+  start = cfg.train.burst_window[0]
   for seed in seeds:
     for kind in ("none",) + tuple(kinds):
-      runs += study.study_arms(cfg, lrs, chosen, (seed,), burst=kind)
+      found = study.study_arms(cfg, lrs, chosen, (seed,), burst=kind)
+      if kind != "none":  # evaluated where its kind is measured only
+        points = bursts.eval_points(kind, start, cfg.train.burst_steps,
+                                    study.BURST_EVAL_OFFSETS, total)
+        found = [dataclasses.replace(a, cfg=sweeps.with_values(
+            a.cfg, train={"eval_steps": list(points)})) for a in found]
+      runs += found
   rows = sweeps.run_arms(runs, out_dir, progress=progress, workers=workers)
   return spike_report(out_dir, cfg, rows)
 
@@ -112,8 +121,14 @@ def _evals(row: dict[str, Any]) -> dict[int, float]:
 
 
 def burst_metrics(run: dict[str, Any], ref: dict[str, Any], *, start: int,
-                  steps: int, offsets: Sequence[int]) -> dict[str, Any]:
-  """Paired numbers of one burst run against its no-burst reference."""
+                  steps: int, offsets: Sequence[int],
+                  kind: str = "random") -> dict[str, Any]:
+  """Paired numbers of one burst run against its no-burst reference.
+
+  ``steps`` is the window's length (first to last bad step); *peak* is the
+  largest excess at any evaluation from ``start`` on (inside the window and
+  after it); *decisions* count what the guard did on the bad steps and on
+  the clean steps inside the window (``burst_decisions`` of the run)."""
   ev, ev_ref = _evals(run), _evals(ref)
   end = start + steps - 1
 
@@ -123,19 +138,39 @@ def burst_metrics(run: dict[str, Any], ref: dict[str, Any], *, start: int,
     return ev[step] - ev_ref[step]
 
   excesses = {k: excess(end + k) for k in offsets}
-  measured = [x for x in excesses.values() if x is not None]
+  measured = [excess(p) for p in ev if p >= start]
+  measured = [x for x in measured if x is not None]
   recovery = next((k for k in offsets if excesses[k] is not None
                    and excesses[k] <= RECOVERY_TOL), None)
   final = (study._val(run) - study._val(ref))
+  decisions = list(run.get("burst_decisions") or [])
+  bad = {s - start for s in bursts.bad_steps(kind, start, steps)}
+  on_bad = [d for i, d in enumerate(decisions) if i in bad]
+  on_clean = [d for i, d in enumerate(decisions) if i not in bad]
   return {"before": ev.get(start - 1), "after": ev.get(end),
           "jump": excesses.get(0), "excess": excesses,
           "peak": max(measured) if measured else None,
-          "recovery": recovery, "final_excess": final}
+          "recovery": recovery, "final_excess": final,
+          "decisions": decisions,
+          "bad_skipped": (sum(d == 2 for d in on_bad), len(on_bad)),
+          "bad_clipped": (sum(d == 1 for d in on_bad), len(on_bad)),
+          "clean_skipped": (sum(d == 2 for d in on_clean), len(on_clean))}
+
+
+def run_length(decisions: Sequence[int]) -> str:
+  """``[2, 2, 0, 0, 0]`` → ``"2×2 0×3"`` (0 passed, 1 clipped, 2 skipped)."""
+  out: list[list[int]] = []
+  for d in decisions:
+    if out and out[-1][0] == d:
+      out[-1][1] += 1
+    else:
+      out.append([d, 1])
+  return " ".join(f"{d}×{n}" for d, n in out) or "—"
 
 
 def spike_table(cfg, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   """One row per (arm, kind): the paired metrics averaged over seeds."""
-  start, steps = cfg.train.burst_window
+  start = cfg.train.burst_window[0]
   offsets = study.BURST_EVAL_OFFSETS
   refs = {(r["arm"], r["seed"]): r for r in rows if r.get("burst", "none") == "none"}
   cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -143,8 +178,9 @@ def spike_table(cfg, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     kind = r.get("burst", "none")
     if kind == "none" or (r["arm"], r["seed"]) not in refs:
       continue
-    m = burst_metrics(r, refs[(r["arm"], r["seed"])], start=start, steps=steps,
-                      offsets=offsets)
+    m = burst_metrics(r, refs[(r["arm"], r["seed"])], start=start,
+                      steps=bursts.burst_length(kind, cfg.train.burst_steps),
+                      offsets=offsets, kind=kind)
     cells.setdefault((r["arm"], kind), []).append(m)
   table = []
   for (arm, kind), ms in cells.items():
@@ -157,6 +193,11 @@ def spike_table(cfg, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
       return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
 
     rec = [m["recovery"] for m in ms]
+
+    def share(key):
+      num, den = (sum(m[key][i] for m in ms) for i in (0, 1))
+      return num / den if den else None
+
     table.append({
         "arm": arm, "kind": kind, "seeds": len(ms),
         "before": stat([m["before"] for m in ms])[0],
@@ -170,6 +211,10 @@ def spike_table(cfg, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             [math.inf if x is None else x for x in rec])),
         "recovered": sum(x is not None for x in rec),
         "final_excess": stat([m["final_excess"] for m in ms]),
+        "bad_skipped": share("bad_skipped"),
+        "bad_clipped": share("bad_clipped"),
+        "clean_skipped_in_window": sum(m["clean_skipped"][0] for m in ms),
+        "decisions_first_seed": run_length(ms[0]["decisions"]),
     })
   adam = {t["kind"]: t["peak"][0] for t in table if t["arm"] == "adam"}
   for t in table:
@@ -188,43 +233,95 @@ def _pm(x: tuple[float | None, float | None]) -> str:
   return f"{mean:+.3f} ± {sd:.3f}"
 
 
+def _share(x: float | None) -> str:
+  return "—" if x is None else f"{x:.0%}"
+
+
 def markdown(table: Sequence[dict[str, Any]], cfg) -> str:
-  start, steps = cfg.train.burst_window
+  start = cfg.train.burst_window[0]
   last = study.BURST_EVAL_OFFSETS[-1]
   lines = [
-      f"Burst: steps {start}–{start + steps - 1} of {cfg.train.steps} "
-      f"(LR ×{cfg.train.burst_lr_factor:g} for the `lr` kind). Clean val loss; "
-      f"*jump*, *peak*, *+{EARLY_OFFSET}*, *+{last}* and *final* are paired "
-      "differences to the same arm and seed without the burst (mean ± sd over "
-      "seeds; *peak* is the largest over the window after the burst); *vs "
-      "Adam* is the peak over Adam's peak; *recovery* the median steps until "
-      "the excess is ≤ "
-      f"{RECOVERY_TOL} nats (*>{last}* when not within the measured window).", "",
-      "| kind | arm | seeds | before | right after | jump | peak | vs Adam "
-      f"| +{EARLY_OFFSET} "
-      f"| +{last} | recovery (steps) | final |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+      f"Bursts from step {start} of {cfg.train.steps} (LR ×"
+      f"{cfg.train.burst_lr_factor:g} for the `lr` kind; windows in "
+      "`ebc_optax.experiments.bursts`). Clean val loss; *jump* (right after "
+      f"the last bad step), *peak*, *+{EARLY_OFFSET}*, *+{last}* and *final* "
+      "are paired differences to the same arm and seed without the burst "
+      "(mean ± sd over seeds; *peak* is the largest at any evaluation from the "
+      "first bad step on); *vs Adam* is the peak over Adam's peak; *recovery* "
+      f"the median steps after the last bad step until the excess is ≤ "
+      f"{RECOVERY_TOL} nats (*>{last}* when not within the measured window); "
+      "*bad skipped / clipped*: the share of bad steps the guard skipped "
+      "(refused) or scaled; *clean skipped*: clean steps inside the window it "
+      "skipped (all seeds).", "",
+      "| kind | arm | seeds | jump | peak | vs Adam "
+      f"| +{EARLY_OFFSET} | +{last} | recovery (steps) | final "
+      "| bad skipped | bad clipped | clean skipped |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for t in table:
     rec = t["recovery_median"]
     rec_text = f">{last}" if not math.isfinite(rec) else f"{rec:g}"
     vs = t["peak_vs_adam"]
     lines.append(
-        f"| {t['kind']} | {t['arm']} | {t['seeds']} | {_n(t['before'])} "
-        f"| {_n(t['after'])} | {_pm(t['jump'])} | {_pm(t['peak'])} "
+        f"| {t['kind']} | {t['arm']} | {t['seeds']} | {_pm(t['jump'])} "
+        f"| {_pm(t['peak'])} "
         f"| {'—' if vs is None else f'{vs:.1%}'} | {_pm(t['excess_early'])} "
-        f"| {_pm(t['excess_last'])} | {rec_text} | {_pm(t['final_excess'])} |")
+        f"| {_pm(t['excess_last'])} | {rec_text} | {_pm(t['final_excess'])} "
+        f"| {_share(t.get('bad_skipped'))} | {_share(t.get('bad_clipped'))} "
+        f"| {t.get('clean_skipped_in_window', 0)} |")
+  return "\n".join(lines) + "\n"
+
+
+def decisions_markdown(table: Sequence[dict[str, Any]]) -> str:
+  """Per arm and kind, the guard's decision on every step of the window
+  (first seed; run-length coded, 0 passed, 1 clipped, 2 skipped)."""
+  lines = ["Decisions inside the window, first seed (0 passed, 1 scaled or "
+           "clipped, 2 skipped or refused; run-length coded):", "",
+           "| kind | arm | decisions |", "|---|---|---|"]
+  for t in table:
+    lines.append(f"| {t['kind']} | {t['arm']} | {t.get('decisions_first_seed', '—')} |")
+  return "\n".join(lines) + "\n"
+
+
+def clean_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Per arm, over its runs without a burst: the share of steps its guard
+  skipped (false refusals) and scaled, and the final val loss."""
+  cells: dict[str, list[dict[str, Any]]] = {}
+  for r in rows:
+    if r.get("burst", "none") == "none" and r.get("arm") not in (None, "tune"):
+      cells.setdefault(r["arm"], []).append(r)
+  out = []
+  for arm, rs in sorted(cells.items()):
+    steps = sum(max(int(r.get("steps", 0)), 1) for r in rs)
+    vals = [study._val(r) for r in rs]
+    out.append({"arm": arm, "seeds": len(rs),
+                "skipped": sum(int(r.get("guard_skipped", 0)) for r in rs) / steps,
+                "clipped": sum(int(r.get("guard_clipped", 0)) for r in rs) / steps,
+                "val_loss": float(np.mean(vals)),
+                "val_sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0})
+  return out
+
+
+def clean_markdown(clean: Sequence[dict[str, Any]]) -> str:
+  lines = ["Clean runs (no burst): the share of steps each guard skipped (a "
+           "false refusal) or scaled, and the final val loss (mean ± sd over "
+           "seeds):", "",
+           "| arm | seeds | skipped | scaled | final val loss |",
+           "|---|---|---|---|---|"]
+  for c in clean:
+    lines.append(f"| {c['arm']} | {c['seeds']} | {c['skipped']:.2%} "
+                 f"| {c['clipped']:.1%} | {c['val_loss']:.4f} ± {c['val_sd']:.4f} |")
   return "\n".join(lines) + "\n"
 
 
 def bar_b_markdown(table: Sequence[dict[str, Any]], limit: float = 0.05) -> str:
-  """Per arm, the peak damage over Adam's for every kind, against bar (b):
+  """Per arm, the peak damage over Adam's for every kind, against the bar:
   at most ``limit`` of Adam's on every kind (a diverged cell is a miss)."""
   kinds = [k for k in KINDS if any(t["kind"] == k for t in table)]
   cells = {(t["arm"], t["kind"]): t for t in table}
   arms = sorted({t["arm"] for t in table if t["arm"] != "adam"})
-  lines = [f"Against bar (b): peak damage at most {limit:.0%} of Adam's on every "
-           "burst kind (peak over Adam's peak, mean over seeds):", "",
-           "| arm | " + " | ".join(kinds) + " | worst | meets (b) |",
+  lines = [f"Which spike guard: peak damage as a share of Adam's, per burst "
+           f"kind (mean over seeds; the bar: at most {limit:.0%} on every kind):",
+           "", "| arm | " + " | ".join(kinds) + f" | worst | ≤ {limit:.0%} |",
            "|---|" + "---|" * (len(kinds) + 2)]
   for arm in arms:
     ratios = []
@@ -259,7 +356,7 @@ def figure(out_dir: pathlib.Path, cfg, rows: Sequence[dict[str, Any]]
            ) -> pathlib.Path | None:
   """Per kind, the excess val loss over the no-burst run vs step (mean over
   seeds), one line per arm."""
-  start, steps = cfg.train.burst_window
+  start = cfg.train.burst_window[0]
   refs = {(r["arm"], r["seed"]): _evals(r) for r in rows
           if r.get("burst", "none") == "none"}
   kinds = [k for k in KINDS if any(r.get("burst") == k for r in rows)]
@@ -285,6 +382,7 @@ def figure(out_dir: pathlib.Path, cfg, rows: Sequence[dict[str, Any]]
         ys = [float(np.mean(curves[x])) for x in xs]
         ax.plot(xs, ys, marker="o", ms=2.5, lw=1, label=arm, color=colors[arm],
                 ls="--" if not arm.startswith(EBC_PREFIXES) else "-")
+    steps = bursts.burst_length(kind, cfg.train.burst_steps)
     ax.axvspan(start, start + steps - 1, color="0.85", lw=0)
     ax.axhline(0, color="k", lw=0.5)
     ax.set_yscale("symlog", linthresh=0.01)
@@ -302,9 +400,12 @@ def figure(out_dir: pathlib.Path, cfg, rows: Sequence[dict[str, Any]]
 def spike_report(out_dir: pathlib.Path, cfg, rows: Sequence[dict[str, Any]]
                  ) -> dict[str, Any]:
   table = spike_table(cfg, rows)
+  clean = clean_table(rows)
   (out_dir / "spikes.md").write_text(
-      "# Spike suite\n\n" + markdown(table, cfg) + "\n" + bar_b_markdown(table))
-  (out_dir / "spikes.json").write_text(json.dumps(table, indent=2) + "\n")
+      "# Spike suite\n\n" + bar_b_markdown(table) + "\n" + clean_markdown(clean)
+      + "\n" + markdown(table, cfg) + "\n" + decisions_markdown(table))
+  (out_dir / "spikes.json").write_text(
+      json.dumps({"bursts": table, "clean": clean}, indent=2) + "\n")
   sweeps.write_tables(rows, out_dir, stem="spikes", results_stem="spike_runs")
   path = figure(out_dir, cfg, rows)
   return {"rows": list(rows), "table": table,

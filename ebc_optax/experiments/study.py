@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 import ebc_optax
+from ebc_optax.experiments import bursts
 from ebc_optax.experiments import config as config_lib
 from ebc_optax.experiments import plots
 from ebc_optax.experiments import sweeps
@@ -56,8 +57,8 @@ from ebc_optax.experiments import sweeps
 # same arm and seed with one.
 BURST_START, BURST_STEPS = 750, 10
 BURST_EVAL_OFFSETS = (0, 5, 10, 20, 40, 90, 190, 390)
-EVAL_STEPS = (BURST_START - 1,) + tuple(
-    BURST_START + BURST_STEPS - 1 + k for k in BURST_EVAL_OFFSETS)
+EVAL_STEPS = bursts.all_eval_points(BURST_START, BURST_STEPS,
+                                    BURST_EVAL_OFFSETS, 1500)
 STUDY_BASE: dict[str, Any] = {
     "model": {"num_blocks": 2, "d_embed": 64, "num_heads": 4, "seq_len": 64},
     "data": {"dataset": "shakespeare"},
@@ -177,6 +178,48 @@ def candidate_arms() -> list[StudyArm]:
   ]
 
 
+def guard_arms() -> list[StudyArm]:
+  """The spike guards of the spike suite, around Adam (published defaults,
+  :mod:`~ebc_optax.experiments.guards`), with EBC's default:
+
+  * ``ebc_default`` — :func:`ebc_optax.wrap` with the library's defaults (a
+    refused batch leaves Adam's state as it was; the gradient-norm check on);
+  * ``skipstep_kept`` — skip-step on loss and gradient norm (6σ / 128 steps,
+    after 64), skipped values kept in the statistics (OLMo-core, Levanter,
+    MaxText); ``skipstep_leftout`` — left out (axlearn);
+  * the 2 × 2 of detector × state: ``skipstep_leftout`` / ``skipstep_absorb``
+    (axlearn's detector; Adam's state kept / absorbing the skipped step) and
+    ``ebc_radius`` / ``ebc_absorb`` (EBC's logit-space radius alone, the
+    gradient-norm check off; kept / absorbing);
+  * ``zclip``, ``spam``, ``stable_adamw``, ``agc`` (λ 0.01), ``update_clip``
+    (Levanter's historical update norm, 3σ / 128) and ``global_clip`` (1.0).
+  """
+  skip = {"clip": "skip_step"}
+  return [
+      StudyArm("ebc_default", {"optim": {"clip": "ebc"}}, knob="none"),
+      StudyArm("ebc_radius", {"optim": {"clip": "ebc", "ebc_grad_check": False}},
+               knob="none"),
+      StudyArm("ebc_absorb", {"optim": {"clip": "ebc", "ebc_grad_check": False,
+                                        "ebc_skip_refused": False}}, knob="none"),
+      StudyArm("skipstep_kept", {"optim": {**skip, "skip_keep_skipped": True}},
+               knob="6 sigma"),
+      StudyArm("skipstep_leftout", {"optim": {**skip, "skip_keep_skipped": False}},
+               knob="6 sigma"),
+      StudyArm("skipstep_absorb", {"optim": {**skip, "skip_keep_skipped": False,
+                                             "skip_keep_state": False}},
+               knob="6 sigma"),
+      StudyArm("zclip", {"optim": {"clip": "zclip"}}, knob="z=2.5"),
+      StudyArm("spam", _on("spam", {}), knob="theta=5000"),
+      StudyArm("stable_adamw", _on("stable_adamw", {}), knob="none"),
+      StudyArm("agc", {"optim": {"clip": "agc", "agc_clipping": 0.01}},
+               knob="lambda=0.01"),
+      StudyArm("update_clip", {"optim": {"clip": "update_clip"}}, knob="3 sigma"),
+      StudyArm("global_clip", {"optim": {"clip": "global",
+                                         "global_clip_norm": 1.0}},
+               knob="norm=1"),
+  ]
+
+
 def legacy_arms() -> list[StudyArm]:
   """The first study's arms (Adam base only), runnable by name with
   ``only=``: no clipping (``none``), the seeds' first EBC (fixed δ, L1),
@@ -253,7 +296,8 @@ def fisher_pi_arm(delta: float) -> StudyArm:
 
 def all_arms() -> dict[str, StudyArm]:
   """Every arm the study knows, by name (``only=`` picks among them)."""
-  return {a.name: a for a in peer_arms() + legacy_arms() + knob_arms()}
+  return {a.name: a for a in peer_arms() + guard_arms() + legacy_arms()
+          + knob_arms()}
 
 
 def _base_config(base: dict[str, Any], steps: int | None) -> config_lib.Config:

@@ -29,6 +29,7 @@ from ebc_optax import _sensitivity
 from ebc_optax.experiments import bursts
 from ebc_optax.experiments import config as config_lib
 from ebc_optax.experiments import data as data_lib
+from ebc_optax.experiments import guards
 from ebc_optax.experiments import model as model_lib
 from ebc_optax.experiments import optim as optim_lib
 from ebc_optax.experiments import spectral as spectral_lib
@@ -108,6 +109,7 @@ def make_train_step(run: Run):
            if cfg.train.burst == "markov" else None)
   use_ebc = cfg.optim.clip == "ebc"
   use_energy = cfg.optim.clip == "energy"
+  use_loss = cfg.optim.clip == "skip_step"
 
   def loss_fn(params, inputs, targets):
     if use_energy:  # the activation norms come from the same forward pass
@@ -128,6 +130,8 @@ def make_train_step(run: Run):
     (loss, (acc, norms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, inputs, targets)
     extra = {"activation_norms": norms} if use_energy else {}
+    if use_loss:
+      extra["loss"] = loss
     updates, opt_state = run.tx.update(grads, opt_state, params, batch=inputs,
                                        **extra)
     params = optax.apply_updates(params, updates)
@@ -135,7 +139,8 @@ def make_train_step(run: Run):
       params = spectral_lib.project_params(
           params, cfg.optim.spectral, w_max=cfg.optim.w_max,
           method=cfg.optim.spectral_method, iters=cfg.optim.spectral_iters)
-    metrics = {"loss": loss, "acc": acc}
+    metrics = {"loss": loss, "acc": acc,
+               "decision": guards.decision(opt_state)}
     if use_ebc:
       stats = ebc_optax.telemetry(opt_state)
       metrics.update({k: stats[k] for k in EBC_SCALARS if k in stats})
@@ -255,6 +260,11 @@ def _summary(cfg: config_lib.Config, host: dict[str, Any], status: str,
       "lr": cfg.lr,
       # [step, clean val loss] at every evaluation (eval_interval, eval_steps).
       "evals": host.get("evals", []),
+      # What the spike guard did (guard_decision): steps it skipped or
+      # refused, steps it scaled, and every step's decision in the burst.
+      "guard_skipped": host.get("decisions", [0, 0, 0])[2],
+      "guard_clipped": host.get("decisions", [0, 0, 0])[1],
+      "burst_decisions": host.get("burst_decisions", []),
   }
   if val is not None:
     out.update(val_loss=_finite_or_none(val[0]), val_acc=_finite_or_none(val[1]),
@@ -358,6 +368,8 @@ def train(
   log = open(metrics_path, "a", encoding="utf-8")
 
   eval_steps = set(cfg.train.eval_steps)
+  burst_start, burst_len = cfg.train.burst_window
+  burst_end = burst_start + burst_len
 
   def evaluate_now(step: int) -> bool:
     return (step % cfg.train.eval_interval == 0 or step == steps - 1
@@ -386,6 +398,11 @@ def train(
     t_last = now
     loss, acc = float(m["loss"]), float(m["acc"])
     host["last_loss"], host["last_acc"], host["steps_done"] = loss, acc, step + 1
+    decision = int(m["decision"])
+    counts = host.setdefault("decisions", [0, 0, 0])
+    counts[decision] += 1
+    if cfg.train.burst != "none" and burst_start <= step < burst_end:
+      host.setdefault("burst_decisions", []).append(decision)
     c = float(m["c"]) if use_ebc else None
     if use_energy:
       ratios = dict(zip(run.energy_layers, np.asarray(m["energy_ratio"]).tolist()))

@@ -43,6 +43,7 @@ from flax import nnx
 
 import ebc_optax
 from ebc_optax.experiments import data as data_lib
+from ebc_optax.experiments import guards
 from ebc_optax.experiments import model as model_lib
 
 VOCAB_SIZE = 48  # not the width: a head is told by its vocab-sized axis
@@ -546,6 +547,7 @@ class StepRecord(NamedTuple):
   S: jax.Array
   rho: jax.Array
   skipped: jax.Array  # refusals so far: EBC's (c = 0) and wrap's gradient check
+  decision: jax.Array  # what the spike guard did this step (guards.decision)
 
 
 class Arm(NamedTuple):
@@ -561,8 +563,9 @@ class Arm(NamedTuple):
 
 
 def make_arm(model: ZooModel, tx: optax.GradientTransformation,
-             with_ebc: bool) -> Arm:
-  """The jitted train step of ``tx`` on ``model`` (next-token loss)."""
+             with_ebc: bool, with_loss: bool = False) -> Arm:
+  """The jitted train step of ``tx`` on ``model`` (next-token loss; passed
+  to ``tx.update`` as ``loss=`` when ``with_loss``, for a skip-step)."""
   tx = optax.with_extra_args_support(tx)
   traces = [0]
   nan = jnp.full([], jnp.nan, jnp.float32)
@@ -571,16 +574,19 @@ def make_arm(model: ZooModel, tx: optax.GradientTransformation,
   def step(params, state, windows, learning_rate, optimizer_index):
     traces[0] += 1  # runs once per trace, not per call
     loss, grads = jax.value_and_grad(loss_fn)(params, windows)
+    extra = {"loss": loss} if with_loss else {}
     updates, state = tx.update(grads, state, params, batch=windows[:, :-1],
                                learning_rate=learning_rate,
-                               optimizer_index=optimizer_index)
+                               optimizer_index=optimizer_index, **extra)
     params = optax.apply_updates(params, updates)
+    decision = guards.decision(state)
     if with_ebc:
       tel = ebc_optax.telemetry(state)
       skipped = tel["total_refused"] + tel.get("grad_outliers", 0)
-      rec = StepRecord(loss, tel["c"], tel["S"], tel.get("rho", nan), skipped)
+      rec = StepRecord(loss, tel["c"], tel["S"], tel.get("rho", nan), skipped,
+                       decision)
     else:
-      rec = StepRecord(loss, nan, nan, nan, nan)
+      rec = StepRecord(loss, nan, nan, nan, nan, decision)
     return params, state, jax.tree.map(lambda x: x.astype(jnp.float32), rec)
 
   return Arm(tx, jax.jit(step), traces)
@@ -716,6 +722,112 @@ def compare(model_name: str, base_name: str, steps: int = 300, seed: int = 0,
       "compiles_ebc": ebc_arm.traces[0],
       "wall_s": time.perf_counter() - start,
   }
+
+
+# --- spike guards on the zoo ---------------------------------------------------
+
+# The spike guards measured on zoo models (the harness's names, see
+# ebc_optax.experiments.study.guard_arms), all around Adam.
+GUARDS = ("adam", "ebc_default", "skipstep_kept", "skipstep_leftout", "zclip")
+# Random-token bursts (start, length) of spike_compare: 10 steps and one
+# longer than half of EBC's 32-step window.
+ZOO_BURSTS = {"random": (200, 10), "long50": (200, 50)}
+SMOOTH = 10  # steps of the moving average the damage is read from
+
+
+def guard_arm(model_name: str, guard: str, seed: int = 0) -> Arm:
+  """The jitted step of ``guard`` around the zoo's bases (Adam fed its LR)."""
+  if guard not in GUARDS:
+    raise ValueError(f"guard must be one of {GUARDS}; got {guard!r}.")
+  return _guard_arm(model_name, guard, seed)
+
+
+@functools.cache
+def _guard_arm(model_name: str, guard: str, seed: int) -> Arm:
+  model = build(model_name, seed)
+  base = all_bases()
+  if guard == "adam":
+    return make_arm(model, base, with_ebc=False)
+  if guard == "ebc_default":
+    return make_arm(model, ebc_optax.wrap(base, model.logits_fn,
+                                          stacked=model.stacked), with_ebc=True)
+  if guard == "zclip":
+    return make_arm(model, optax.chain(guards.zclip(), base), with_ebc=False)
+  tx = guards.skip_step(base, keep_skipped=guard == "skipstep_kept")
+  return make_arm(model, tx, with_ebc=False, with_loss=True)
+
+
+def _smooth(x: np.ndarray) -> np.ndarray:
+  return np.convolve(x, np.ones(SMOOTH) / SMOOTH, mode="valid")
+
+
+def spike_compare(model_name: str, guards_: Sequence[str] = GUARDS,
+                  bursts: Mapping[str, tuple[int, int]] | None = None,
+                  seeds: Sequence[int] = (0, 1, 2), steps: int = 400,
+                  base_name: str = "adam") -> list[dict[str, Any]]:
+  """Every guard on ``model_name``, with and without each burst, per seed.
+
+  The loss of step ``s`` is measured on its batch before the step updates
+  the parameters: on a fresh batch of the clean language it is a held-out
+  estimate. Damage is read from its :data:`SMOOTH`-step moving average after
+  the burst's last step, paired with the same guard and seed without the
+  burst: ``peak`` (largest excess), ``final`` (mean excess of the last
+  :data:`FINAL_WINDOW` steps); ``skipped_in_burst`` is the share of burst
+  steps the guard skipped or refused, ``clean_skipped`` its skipped steps
+  on the clean run.
+
+  Returns:
+    One dict per (guard, burst kind, seed).
+  """
+  bursts = dict(ZOO_BURSTS if bursts is None else bursts)
+  rows = []
+  for seed in seeds:
+    model = build(model_name, seed)
+    clean_windows = training_windows(steps, seed)
+    ref = {g: run_arm(guard_arm(model_name, g, seed), model.params,
+                      clean_windows, base_name) for g in guards_}
+    for kind, (start, length) in bursts.items():
+      windows = training_windows(steps, seed, (start, length))
+      for g in guards_:
+        rec = run_arm(guard_arm(model_name, g, seed), model.params, windows,
+                      base_name)
+        end = start + length
+        excess = _smooth(rec.loss[end:]) - _smooth(ref[g].loss[end:])
+        rows.append({
+            "model": model_name, "guard": g, "kind": kind, "seed": seed,
+            "peak": float(np.max(excess)) if np.all(np.isfinite(excess)) else math.inf,
+            "final": float(np.mean(rec.loss[-FINAL_WINDOW:])
+                           - np.mean(ref[g].loss[-FINAL_WINDOW:])),
+            "skipped_in_burst": float(np.mean(rec.decision[start:end] == 2)),
+            "clean_skipped": int(np.sum(ref[g].decision == 2)),
+        })
+  return rows
+
+
+def spike_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Per (model, kind, guard): mean ± sd over seeds of the damage, and the
+  peak over Adam's (mean of the paired per-seed ratios' numerators over
+  the mean of Adam's peaks)."""
+  cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+  for r in rows:
+    cells.setdefault((r["model"], r["kind"], r["guard"]), []).append(r)
+  out = []
+  for (model, kind, guard), rs in cells.items():
+    adam = [r["peak"] for r in cells.get((model, kind, "adam"), [])]
+    peak = np.array([r["peak"] for r in rs])
+    out.append({
+        "model": model, "kind": kind, "guard": guard, "seeds": len(rs),
+        "peak": float(peak.mean()),
+        "peak_sd": float(peak.std(ddof=1)) if len(rs) > 1 else 0.0,
+        "vs_adam": float(peak.mean() / np.mean(adam)) if adam and np.mean(adam) > 0
+        else None,
+        "final": float(np.mean([r["final"] for r in rs])),
+        "final_sd": float(np.std([r["final"] for r in rs], ddof=1))
+        if len(rs) > 1 else 0.0,
+        "skipped_in_burst": float(np.mean([r["skipped_in_burst"] for r in rs])),
+        "clean_skipped": int(sum(r["clean_skipped"] for r in rs)),
+    })
+  return out
 
 
 def budgeted_layers(model_name: str, seed: int = 0) -> tuple[str, ...]:

@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="arms (default: Adam, EBC's default and the spike guards "
                       "of study.guard_arms)")
   p.add_argument("--kinds", type=_csv(str), default=list(bursts.BURST_KINDS[1:]),
-                 help=f"burst kinds, from {list(bursts.BURST_KINDS[1:])}")
+                 help="burst kinds (ebc_optax.experiments.bursts.BURST_KINDS)")
   p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2])
   p.add_argument("--workers", type=int, default=1,
                  help="runs trained at once, one CPU core each")

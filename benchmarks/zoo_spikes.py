@@ -13,7 +13,8 @@ burst, the peak over Adam's, the share of burst steps skipped and the
 steps skipped on the clean run (:func:`~ebc_optax.experiments.zoo.
 spike_compare`); ``--json`` also writes the per-seed rows.
 
-Run:  python benchmarks/zoo_spikes.py [--models hf_llama equinox --seeds 0 1 2]
+Run:  python benchmarks/zoo_spikes.py [--models hf_llama equinox --seeds 0 1 2
+      --guards adam ebc_default ...]
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--models", nargs="*", default=["hf_llama", "equinox"])
   parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+  parser.add_argument("--guards", nargs="*", default=list(zoo.GUARDS),
+                      help="arms (adam for the vs-Adam column)")
   parser.add_argument("--steps", type=int, default=400)
   parser.add_argument("--json", default=None, help="write the per-seed rows here")
   args = parser.parse_args()
@@ -42,7 +45,8 @@ def main():
   print("|---|---|---|---|---|---|---|---|---|")
   rows = []
   for model in args.models:
-    found = zoo.spike_compare(model, seeds=args.seeds, steps=args.steps)
+    found = zoo.spike_compare(model, args.guards, seeds=args.seeds,
+                              steps=args.steps)
     rows += found
     for t in zoo.spike_table(found):
       vs = "—" if t["vs_adam"] is None else f"{t['vs_adam']:.1%}"

@@ -243,7 +243,7 @@ def fd_epsilon(weight_sq_sum: jax.Array, size: int | jax.Array,
   the step above float32 round-off for zero-initialised layers.
 
   Example:
-    >>> float(fd_epsilon(400.0, 100, 1e-2))  # rms 2
+    >>> round(float(fd_epsilon(400.0, 100, 1e-2)), 6)  # rms 2
     0.02
   """
   rms = jnp.sqrt(jnp.asarray(weight_sq_sum, jnp.float32)

@@ -25,16 +25,19 @@ from ebc_optax import _validation
 # while Adam's normalised step grows only gradually (×1.1–1.2 per step) and
 # would pass as a trend.
 GRAD_NORM_MULTIPLE = 2.25
-# The gradient check's level window: 128 batches, as the field's skip-step
-# rules (OLMo-core, Levanter): a burst of up to 64 consecutive bad batches is
-# refused whole (with 32, bursts longer than ~16 steps got through: the spike
-# suite's long bursts). An outlier enters the level at its own value, so a
-# lasting change of the gradient norm, whatever its size, passes once it
-# holds half the window: after ~65 refusals (at the threshold, as the step
-# test does, a ×10 gradient would wait ~6 half windows). It judges from the
-# 32nd batch on (the level is the median of what the window holds until it
-# is full). Trend line over 24 accepted batches, z 3.5.
-_GRAD_WINDOW, _GRAD_MIN_FILL, _GRAD_TREND, _GRAD_Z = 128, 32, 24, 3.5
+# The gradient check's level window: 256 batches. A burst of up to 128
+# consecutive bad batches is refused whole: with 32, bursts longer than ~16
+# steps got through (the spike suite's 50-step bursts); with 128 (the window
+# of the field's skip-step rules, OLMo-core, Levanter) a quarter of every
+# batch corrupted for 100 steps got through after 63 refusals, and the run
+# paid for both the lost progress and the corrupted steps (148% of Adam's
+# damage). An outlier enters the level at its own value, so a lasting change
+# of the gradient norm, whatever its size, passes once it holds half the
+# window: after 129 refusals (at the threshold, as the step test does, a ×10
+# gradient would wait ~6 half windows). It judges from the 32nd batch on
+# (the level is the median of what the window holds until it is full).
+# Trend line over 24 accepted batches, z 3.5.
+_GRAD_WINDOW, _GRAD_MIN_FILL, _GRAD_TREND, _GRAD_Z = 256, 32, 24, 3.5
 
 
 class WrapState(NamedTuple):
@@ -94,10 +97,10 @@ def wrap(
   A batch whose gradient is an outlier of the run's own gradient norms —
   ``‖g‖²`` more than ``grad_norm_multiple`` (2.25) times its trend, by the
   relative radius's rule (a robust trend line and a window median, see
-  :func:`relative_radius`, its level the median of the last 128 batches,
+  :func:`relative_radius`, its level the median of the last 256 batches,
   judging from the 32nd), so a start-up, a warm-up or a decay is followed, a
-  burst of up to 64 bad batches is refused whole and no refusal lasts for
-  ever (a lasting change passes after ~65) — is refused too: a zero update,
+  burst of up to 128 bad batches is refused whole and no refusal lasts for
+  ever (a lasting change passes after ~129) — is refused too: a zero update,
   and the base
   and ``after`` states untouched (counted in ``grad_state.outliers``). EBC
   still measures its step, so its own test and its escalation run alongside.

@@ -1,7 +1,10 @@
-"""The README's quick start and the demo entry point run as written."""
+"""The README's quick start, the demo entry point and every docstring example
+run as written."""
 
 import pathlib
 import re
+
+import pytest
 
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -34,3 +37,25 @@ def test_quickstart_notebook_runs(monkeypatch, capsys):
       assert not cell["outputs"], "commit notebooks with outputs stripped"
       exec(compile("".join(cell["source"]), "quickstart.ipynb", "exec"), namespace)
   assert "clipped_steps" in capsys.readouterr().out
+
+
+def _modules():
+  import pkgutil
+  import ebc_optax
+  import ebc_optax.experiments
+  names = ["ebc_optax"]
+  for pkg in (ebc_optax, ebc_optax.experiments):
+    names += [f"{pkg.__name__}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__)
+              if m.name != "__main__"]
+  return sorted(set(names))
+
+
+@pytest.mark.parametrize("name", _modules())
+def test_docstring_examples_run(name):
+  """Every ``>>>`` example of the package's docstrings runs as written."""
+  import doctest
+  import importlib
+  module = importlib.import_module(name)
+  result = doctest.testmod(
+      module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  assert result.failed == 0, f"{result.failed} docstring example(s) of {name} fail"

@@ -3,7 +3,9 @@
 import csv
 import json
 import math
+import os
 import pathlib
+import time
 
 import jax
 import numpy as np
@@ -486,3 +488,46 @@ def test_every_spike_guard_trains_and_counts_its_decisions(tmp_path, sets):
 def test_peer_guards_are_validated_against_the_schedule_free_base():
   with pytest.raises(ValueError, match="not built around the schedule-free"):
     smoke('optim.optimizer="schedule_free"', 'optim.clip="zclip"')
+
+
+def test_a_killed_sweeps_workers_exit_with_it():
+  """A worker pool's parent killed mid-run (SIGKILL: no cleanup runs) takes
+  its workers with it: none is left training, holding a core and memory."""
+  import subprocess
+  import sys
+  parent = subprocess.Popen([sys.executable, "-c", """
+import concurrent.futures, multiprocessing, os, sys, time
+from ebc_optax.experiments import sweeps
+ctx = multiprocessing.get_context("spawn")
+pool = concurrent.futures.ProcessPoolExecutor(
+    1, mp_context=ctx, initializer=sweeps._pin_worker,
+    initargs=(ctx.Value("i", 0), [], os.getpid()))
+print(pool.submit(os.getpid).result(), flush=True)
+pool.submit(time.sleep, 120)
+time.sleep(120)
+"""], stdout=subprocess.PIPE, text=True)
+  worker = int(parent.stdout.readline())
+  os.kill(worker, 0)  # alive
+  parent.kill()
+  parent.wait()
+  deadline = time.monotonic() + 20
+  while time.monotonic() < deadline:
+    if not _running(worker):
+      return
+    time.sleep(0.2)
+  os.kill(worker, 9)
+  raise AssertionError("the worker outlived its killed parent")
+
+
+def _running(pid: int) -> bool:
+  """Whether ``pid`` exists and is not a zombie (an exited process the
+  container's init has not reaped yet)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  stat = pathlib.Path(f"/proc/{pid}/stat")
+  try:
+    return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:  # gone since, or no /proc at all (macOS): it exists
+    return not pathlib.Path("/proc").is_dir()

@@ -300,6 +300,12 @@ def test_spike_suite_measures_jumps_resumes_and_runs_in_parallel(tmp_path,
   again = spikes.run_spikes(out, **kw)
   assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == stamps
   assert again["table"] == result["table"]
+  # finished_only: a seed never run is left out, nothing is trained.
+  only = spikes.run_spikes(out, **{**kw, "seeds": (0, 1)}, finished_only=True)
+  assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == stamps
+  assert only["table"] == result["table"]
+  with pytest.raises(ValueError, match="no finished run"):
+    spikes.run_spikes(out, **{**kw, "seeds": (1,)}, finished_only=True)
 
 
 def test_spikes_command_line(tmp_path, monkeypatch, capsys):
@@ -316,7 +322,10 @@ def test_spikes_command_line(tmp_path, monkeypatch, capsys):
                    "--kinds", "repeat", "--seeds", "0,1", "--no-progress"]) == 0
   assert "# Spike suite" in capsys.readouterr().out
   assert seen == dict(steps=None, arms=["adam", "ebc_adam"], kinds=["repeat"],
-                      seeds=[0, 1], progress=False, workers=1)
+                      seeds=[0, 1], progress=False, workers=1,
+                      finished_only=False)
+  assert cli.main(["spikes", "--out", str(tmp_path), "--finished-only"]) == 0
+  assert seen["finished_only"] is True
 
 
 def test_a_run_without_ebc_survives_a_change_of_the_ebc_defaults(tmp_path):
@@ -340,6 +349,38 @@ def test_a_run_without_ebc_survives_a_change_of_the_ebc_defaults(tmp_path):
     sweeps._check_same_config(arm("ebc"), saved("ebc", "pi"))
   with pytest.raises(ValueError, match="different config.*optim.clip"):
     sweeps._check_same_config(arm("ebc"), saved("none", "relative"))
+
+
+def test_vs_adam_pairs_the_seeds_and_the_best_peer_verdict_uses_seed_noise():
+  def cell(arm, kind, peaks):
+    ps = list(peaks.values())
+    return {"arm": arm, "kind": kind, "peaks": peaks,
+            "peak": (float(np.mean(ps)), 0.0), "peak_vs_adam": None}
+  table = [cell("adam", "random", {0: 1.0, 1: 2.0, 2: 3.0}),
+           cell("ebc_default", "random", {0: 0.10, 1: 0.20, 2: 0.30}),
+           cell("zclip", "random", {0: 0.50, 1: 0.50, 2: 0.50}),
+           cell("skipstep_leftout", "random", {0: 0.08, 1: 0.12, 2: 0.22}),
+           cell("ebc_radius", "random", {0: 0.0, 1: 0.0, 2: 0.0}),
+           cell("ebc_default", "lr", {0: 0.3, 1: 0.3}),
+           cell("agc", "lr", {0: 0.1})]  # one seed in common
+  assert spikes.vs_adam(table[3]["peaks"], table[0]["peaks"]) == pytest.approx(
+      0.42 / 6.0)
+  assert spikes.vs_adam({1: 0.2}, table[0]["peaks"]) == pytest.approx(0.1)
+  assert spikes.vs_adam({5: 0.2}, table[0]["peaks"]) is None
+  rows = {r["kind"]: r for r in spikes.versus_best_peer(table)}
+  # EBC arms and Adam are not peers: the best is skipstep_leftout.
+  r = rows["random"]
+  assert r["peer"] == "skipstep_leftout" and r["seeds"] == 3
+  assert r["diff"] == pytest.approx(np.mean([0.02, 0.08, 0.08]))
+  assert r["noise"] == pytest.approx(max(np.std([.1, .2, .3], ddof=1),
+                                         np.std([.08, .12, .22], ddof=1)))
+  assert r["verdict"] == "tie (within noise)"
+  assert rows["lr"]["seeds"] == 1 and rows["lr"]["noise"] == 0.0
+  assert rows["lr"]["verdict"] == "worse"
+  table[1]["peaks"] = {0: 0.08, 1: 0.12, 2: 0.2}
+  assert spikes.versus_best_peer(table)[0]["verdict"] == "better or equal"
+  assert "| random | — | skipstep_leftout |" in spikes.versus_markdown(
+      spikes.versus_best_peer(table))
 
 
 def test_bar_b_table_judges_the_worst_kind():

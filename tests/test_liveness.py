@@ -250,7 +250,7 @@ def test_a_lasting_jump_of_the_gradient_is_let_through_under_wrap(skip_refused):
   through for good, whether or not refused steps leave the base state
   untouched (frozen, the momentum cannot absorb the new size: only the
   escalation of the two tests lets it through)."""
-  batches = _markov_batches(260)
+  batches = _markov_batches(330)
 
   def loss_fn(params, batch):
     logp = jax.nn.log_softmax(_quick_start_logits(params, batch)[:, :-1])
@@ -277,9 +277,10 @@ def test_a_lasting_jump_of_the_gradient_is_let_through_under_wrap(skip_refused):
   refused = np.nonzero(np.diff(counts, prepend=0) > 0)[0]
   assert len(refused) and refused[0] >= 60, refused
   # The jump passes within ~ (window/2 + 1)·log_multiple(100) steps of both
-  # tests, which escalate side by side; then training goes on: at most the
-  # noise's 1-2% of later steps refused.
-  assert (refused >= 150).sum() <= 3, refused
+  # tests, which escalate side by side (the gradient check's window of 256
+  # batches lets it through after 129 refusals); then training goes on: at
+  # most the noise's 1-2% of later steps refused.
+  assert (refused >= 200).sum() <= 3, refused
 
 
 def test_the_nnx_optimizer_loop_trains_300_steps_unrefused():

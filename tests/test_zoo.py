@@ -194,9 +194,10 @@ def test_random_token_burst_is_refused(model_name):
 
 
 def test_spike_compare_pairs_each_guard_with_its_clean_run():
-  """A 5-step burst once the loss has settled (the skip-step is warm): the left-out
-  skip-step refuses it whole and is damaged far less than Adam; the clean
-  runs skip nothing; the table pairs seeds and ratios to Adam."""
+  """A 5-step burst once the loss has settled (the skip-step is warm): the
+  left-out skip-step refuses it whole and is damaged far less than Adam; the
+  clean runs skip nothing; the table pairs seeds and ratios to Adam; one
+  program per guard serves every run."""
   rows = zoo.spike_compare("linen_auto", ("adam", "skipstep_leftout"),
                            bursts={"random": (195, 5)}, seeds=(0,), steps=220)
   by = {r["guard"]: r for r in rows}
@@ -209,5 +210,6 @@ def test_spike_compare_pairs_each_guard_with_its_clean_run():
   assert table["adam"]["vs_adam"] == pytest.approx(1.0)
   assert table["skipstep_leftout"]["vs_adam"] == pytest.approx(
       by["skipstep_leftout"]["peak"] / by["adam"]["peak"])
+  assert zoo.guard_arm("linen_auto", "skipstep_leftout").traces == [1]
   with pytest.raises(ValueError, match="guard must be one of"):
     zoo.guard_arm("linen_auto", "nope")

@@ -114,7 +114,8 @@ def cmd_spikes(args) -> int:
   result = spikes.run_spikes(out, steps=args.steps, arms=args.arms,
                              kinds=args.kinds, seeds=args.seeds,
                              progress=not args.no_progress,
-                             workers=args.workers)
+                             workers=args.workers,
+                             finished_only=args.finished_only)
   print((out / "spikes.md").read_text())
   if result["figure"]:
     print(f"# figure: {result['figure']}", file=sys.stderr)
@@ -266,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2])
   p.add_argument("--workers", type=int, default=1,
                  help="runs trained at once, one CPU core each")
+  p.add_argument("--finished-only", action="store_true",
+                 help="train nothing: tabulate the finished runs among those "
+                      "named (arms measured on different seeds: name all)")
   p.add_argument("--no-progress", action="store_true")
   p.set_defaults(func=cmd_spikes)
 

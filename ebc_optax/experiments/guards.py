@@ -269,7 +269,7 @@ def spam_ramp(steps_since_reset: jax.Array, warmup: int) -> jax.Array:
   (warmup+1)))/2`` for ``s < warmup`` (1% at the reset), then 1.
 
   >>> [round(float(spam_ramp(jnp.int32(s), 150)), 4) for s in (0, 75, 150)]
-  [0.0101, 0.5017, 1.0]
+  [0.0101, 0.5101, 1.0]
   """
   s = steps_since_reset.astype(jnp.float32)
   dr = 0.99 * (1 + jnp.cos(jnp.pi * (s + 1) / (warmup + 1))) / 2

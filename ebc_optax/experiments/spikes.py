@@ -59,7 +59,8 @@ def run_spikes(out_dir: pathlib.Path, *, base: dict[str, Any] | None = None,
                seeds: Sequence[int] = study.SEEDS,
                tune_lrs: Sequence[float] = study.TUNE_LRS,
                progress: bool = True, workers: int = 1,
-               tune_extensions: int | None = None) -> dict[str, Any]:
+               tune_extensions: int | None = None,
+               finished_only: bool = False) -> dict[str, Any]:
   """Runs (or resumes) the spike suite and writes its tables and figure.
 
   Runs are ordered seed by seed (every arm and kind for seed 0 first), so a
@@ -78,6 +79,9 @@ def run_spikes(out_dir: pathlib.Path, *, base: dict[str, Any] | None = None,
     progress: show progress bars.
     workers: train this many runs at once, one CPU core each.
     tune_extensions: as in :func:`study.tune`.
+    finished_only: train nothing; tabulate the finished runs among those
+      named (a partial suite, or arms measured on different seeds: name
+      them all with every seed).
 
   Returns:
     ``{"rows": [...], "table": [...], "figure": path}``.
@@ -95,6 +99,13 @@ def run_spikes(out_dir: pathlib.Path, *, base: dict[str, Any] | None = None,
     names = ["adam"] + names
   chosen = [dataclasses.replace(known[n], lr_scales=(1.0,)) for n in names]
   out_dir.mkdir(parents=True, exist_ok=True)
+  if finished_only:
+    missing = [a.name for a in study.tune_arms(cfg, tune_lrs)
+               if not (out_dir / a.name / "summary.json").exists()]
+    if missing:
+      raise ValueError(
+          f"finished_only: the LR-tuning runs {missing} are not finished in "
+          f"{out_dir}; run the suite without it first.")
   lrs, _ = study.tune(cfg, out_dir, {a.base for a in chosen}, tune_lrs,
                       progress, workers, tune_extensions)
   runs = []
@@ -109,6 +120,11 @@ def run_spikes(out_dir: pathlib.Path, *, base: dict[str, Any] | None = None,
         found = [dataclasses.replace(a, cfg=sweeps.with_values(
             a.cfg, train={"eval_steps": list(points)})) for a in found]
       runs += found
+  if finished_only:
+    runs = [a for a in runs if (out_dir / a.name / "summary.json").exists()]
+    if not runs:
+      raise ValueError(f"finished_only: no finished run of these arms, kinds "
+                       f"and seeds in {out_dir}.")
   rows = sweeps.run_arms(runs, out_dir, progress=progress, workers=workers)
   return spike_report(out_dir, cfg, rows)
 
@@ -181,7 +197,7 @@ def spike_table(cfg, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     m = burst_metrics(r, refs[(r["arm"], r["seed"])], start=start,
                       steps=bursts.burst_length(kind, cfg.train.burst_steps),
                       offsets=offsets, kind=kind)
-    cells.setdefault((r["arm"], kind), []).append(m)
+    cells.setdefault((r["arm"], kind), []).append({**m, "seed": r["seed"]})
   table = []
   for (arm, kind), ms in cells.items():
     def stat(values):
@@ -215,13 +231,87 @@ def spike_table(cfg, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         "bad_clipped": share("bad_clipped"),
         "clean_skipped_in_window": sum(m["clean_skipped"][0] for m in ms),
         "decisions_first_seed": run_length(ms[0]["decisions"]),
+        "peaks": {int(m["seed"]): m["peak"] for m in ms if m["peak"] is not None},
     })
-  adam = {t["kind"]: t["peak"][0] for t in table if t["arm"] == "adam"}
+  adam = {t["kind"]: t["peaks"] for t in table if t["arm"] == "adam"}
   for t in table:
-    ref, peak = adam.get(t["kind"]), t["peak"][0]
-    t["peak_vs_adam"] = (peak / ref if ref and peak is not None
-                         and math.isfinite(peak) and ref > 0 else None)
+    t["peak_vs_adam"] = vs_adam(t["peaks"], adam.get(t["kind"], {}))
   return sorted(table, key=lambda t: (KINDS.index(t["kind"]), t["arm"]))
+
+
+def vs_adam(peaks: dict[int, float], adam: dict[int, float]) -> float | None:
+  """The mean peak over Adam's mean peak on the same seeds (None when they
+  share none, Adam's is not positive or the peak is not finite).
+
+  Example:
+    >>> vs_adam({0: 0.1, 1: 0.3}, {0: 1.0, 1: 3.0, 2: 9.0})
+    0.1
+  """
+  seeds = sorted(set(peaks) & set(adam))
+  if not seeds:
+    return None
+  peak = float(np.mean([peaks[s] for s in seeds]))
+  ref = float(np.mean([adam[s] for s in seeds]))
+  return peak / ref if ref > 0 and math.isfinite(peak) else None
+
+
+def versus_best_peer(table: Sequence[dict[str, Any]], arm: str = "ebc_default"
+                     ) -> list[dict[str, Any]]:
+  """Per kind, ``arm`` against the best peer: the arm outside EBC
+  (:data:`EBC_PREFIXES`, and Adam) with the lowest mean peak.
+
+  The peaks are paired by seed (the seeds both have): ``diff`` is the mean
+  of ``arm``'s minus the peer's, ``noise`` the seed noise, the larger
+  standard deviation over seeds of the two arms' peaks. The verdict is
+  ``better or equal`` for ``diff <= 0``, ``tie (within noise)`` for
+  ``0 < diff <= noise``, else ``worse``.
+  """
+  cells = {(t["arm"], t["kind"]): t for t in table}
+  out = []
+  for kind in KINDS:
+    mine = cells.get((arm, kind))
+    if mine is None:
+      continue
+    peers = [t for t in table if t["kind"] == kind and t["arm"] != "adam"
+             and not t["arm"].startswith(EBC_PREFIXES)
+             and t["peak"][0] is not None and math.isfinite(t["peak"][0])]
+    if not peers:
+      continue
+    best = min(peers, key=lambda t: t["peak"][0])
+    seeds = sorted(set(mine["peaks"]) & set(best["peaks"]))
+    if not seeds:
+      continue
+    a = np.array([mine["peaks"][s] for s in seeds], float)
+    b = np.array([best["peaks"][s] for s in seeds], float)
+    diff = float(np.mean(a - b))
+    noise = (max(float(np.std(a, ddof=1)), float(np.std(b, ddof=1)))
+             if len(seeds) > 1 else 0.0)
+    verdict = ("worse" if not math.isfinite(diff) else
+               "better or equal" if diff <= 0 else
+               "tie (within noise)" if diff <= noise else "worse")
+    out.append({"kind": kind, "arm": arm, "vs_adam": mine["peak_vs_adam"],
+                "peer": best["arm"], "peer_vs_adam": best["peak_vs_adam"],
+                "seeds": len(seeds), "diff": diff, "noise": noise,
+                "verdict": verdict})
+  return out
+
+
+def versus_markdown(rows: Sequence[dict[str, Any]]) -> str:
+  def pct(x):
+    return "—" if x is None else f"{x:.1%}"
+  arm = rows[0]["arm"] if rows else "ebc_default"
+  lines = [f"`{arm}` against the best peer per kind (the guard outside EBC "
+           "with the lowest mean peak): the paired difference of the peaks "
+           "(nats, mean over the seeds both have) and the seed noise (the "
+           "larger sd over seeds of the two arms' peaks); a difference under "
+           "the noise is a tie:", "",
+           f"| kind | {arm} vs Adam | best peer | its vs Adam | seeds "
+           "| difference | noise | verdict |", "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['kind']} | {pct(r['vs_adam'])} | {r['peer']} "
+                 f"| {pct(r['peer_vs_adam'])} | {r['seeds']} | {r['diff']:+.4f} "
+                 f"| {r['noise']:.4f} | {r['verdict']} |")
+  return "\n".join(lines) + "\n"
 
 
 def _pm(x: tuple[float | None, float | None]) -> str:
@@ -402,10 +492,12 @@ def spike_report(out_dir: pathlib.Path, cfg, rows: Sequence[dict[str, Any]]
   table = spike_table(cfg, rows)
   clean = clean_table(rows)
   (out_dir / "spikes.md").write_text(
-      "# Spike suite\n\n" + bar_b_markdown(table) + "\n" + clean_markdown(clean)
+      "# Spike suite\n\n" + bar_b_markdown(table) + "\n"
+      + versus_markdown(versus_best_peer(table)) + "\n" + clean_markdown(clean)
       + "\n" + markdown(table, cfg) + "\n" + decisions_markdown(table))
-  (out_dir / "spikes.json").write_text(
-      json.dumps({"bursts": table, "clean": clean}, indent=2) + "\n")
+  (out_dir / "spikes.json").write_text(json.dumps(
+      {"bursts": table, "clean": clean, "versus": versus_best_peer(table)},
+      indent=2) + "\n")
   sweeps.write_tables(rows, out_dir, stem="spikes", results_stem="spike_runs")
   path = figure(out_dir, cfg, rows)
   return {"rows": list(rows), "table": table,

@@ -55,15 +55,16 @@ from ebc_optax.experiments import sweeps
 # window, and the clean evaluations around it. Every run of the study is
 # evaluated at these steps, so a run without a burst is the reference of the
 # same arm and seed with one.
+STUDY_STEPS = 1500
 BURST_START, BURST_STEPS = 750, 10
 BURST_EVAL_OFFSETS = (0, 5, 10, 20, 40, 90, 190, 390)
 EVAL_STEPS = bursts.all_eval_points(BURST_START, BURST_STEPS,
-                                    BURST_EVAL_OFFSETS, 1500)
+                                    BURST_EVAL_OFFSETS, STUDY_STEPS)
 STUDY_BASE: dict[str, Any] = {
     "model": {"num_blocks": 2, "d_embed": 64, "num_heads": 4, "seq_len": 64},
     "data": {"dataset": "shakespeare"},
     "optim": {"optimizer": "adam", "lr": 2e-3, "clip": "none"},
-    "train": {"steps": 1500, "batch_size": 16, "eval_interval": 500,
+    "train": {"steps": STUDY_STEPS, "batch_size": 16, "eval_interval": 500,
               "eval_batches": 64, "checkpoint_every": 0,
               "eval_steps": list(EVAL_STEPS), "burst_start": BURST_START,
               "burst_steps": BURST_STEPS},

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import pathlib
 import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -85,13 +86,30 @@ def run_arms(arms: Sequence[Arm], out_dir: pathlib.Path, *,
   return rows
 
 
-def _pin_worker(counter, cores: Sequence[int]) -> None:
-  """Worker initializer: the n-th worker to start stays on ``cores[n]``."""
+def _pin_worker(counter, cores: Sequence[int], parent: int | None = None
+                ) -> None:
+  """Worker initializer: the n-th worker to start stays on ``cores[n]``, and
+  exits when its parent ``parent`` (a pid) is gone (:func:`_exit_with_parent`)."""
   with counter.get_lock():
     n = counter.value
     counter.value += 1
   if cores and hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, {cores[n % len(cores)]})
+  if parent is not None:
+    _exit_with_parent(parent)
+
+
+def _exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
+  """Ends this process (``os._exit``) once ``parent`` is no longer its
+  parent: a sweep killed while its workers train leaves no orphan holding a
+  core and its memory (a killed pool's workers otherwise finish their run,
+  then wait)."""
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(poll_s)
+    os._exit(1)
+
+  threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def _train_one(cfg_dict: dict[str, Any], run_dir: str) -> dict[str, Any]:
@@ -114,7 +132,7 @@ def _train_in_parallel(arms: Sequence[Arm], out_dir: pathlib.Path,
   counter = ctx.Value("i", 0)
   with concurrent.futures.ProcessPoolExecutor(
       workers, mp_context=ctx, initializer=_pin_worker,
-      initargs=(counter, cores)) as pool:
+      initargs=(counter, cores, os.getpid())) as pool:
     futures = {pool.submit(_train_one, config_lib.to_dict(a.cfg),
                            str(out_dir / a.name)): a for a in arms}
     for k, future in enumerate(concurrent.futures.as_completed(futures), 1):

@@ -729,22 +729,25 @@ def compare(model_name: str, base_name: str, steps: int = 300, seed: int = 0,
 # The spike guards measured on zoo models (the harness's names, see
 # ebc_optax.experiments.study.guard_arms), all around Adam.
 GUARDS = ("adam", "ebc_default", "skipstep_kept", "skipstep_leftout", "zclip")
-# Random-token bursts (start, length) of spike_compare: 10 steps and one
-# longer than half of EBC's 32-step window.
+# Random-token bursts (start, length) of spike_compare: 10 steps, and 50
+# (longer than half of the 32-batch window wrap's gradient check had first).
 ZOO_BURSTS = {"random": (200, 10), "long50": (200, 50)}
 SMOOTH = 10  # steps of the moving average the damage is read from
 
 
-def guard_arm(model_name: str, guard: str, seed: int = 0) -> Arm:
-  """The jitted step of ``guard`` around the zoo's bases (Adam fed its LR)."""
+def guard_arm(model_name: str, guard: str) -> Arm:
+  """The jitted step of ``guard`` around the zoo's bases (Adam fed its LR),
+  one program for every seed: the parameters are its argument, and the
+  model's structure (which the step closes over) does not depend on the
+  seed."""
   if guard not in GUARDS:
     raise ValueError(f"guard must be one of {GUARDS}; got {guard!r}.")
-  return _guard_arm(model_name, guard, seed)
+  return _guard_arm(model_name, guard)
 
 
 @functools.cache
-def _guard_arm(model_name: str, guard: str, seed: int) -> Arm:
-  model = build(model_name, seed)
+def _guard_arm(model_name: str, guard: str) -> Arm:
+  model = build(model_name)
   base = all_bases()
   if guard == "adam":
     return make_arm(model, base, with_ebc=False)
@@ -784,12 +787,12 @@ def spike_compare(model_name: str, guards_: Sequence[str] = GUARDS,
   for seed in seeds:
     model = build(model_name, seed)
     clean_windows = training_windows(steps, seed)
-    ref = {g: run_arm(guard_arm(model_name, g, seed), model.params,
+    ref = {g: run_arm(guard_arm(model_name, g), model.params,
                       clean_windows, base_name) for g in guards_}
     for kind, (start, length) in bursts.items():
       windows = training_windows(steps, seed, (start, length))
       for g in guards_:
-        rec = run_arm(guard_arm(model_name, g, seed), model.params, windows,
+        rec = run_arm(guard_arm(model_name, g), model.params, windows,
                       base_name)
         end = start + length
         excess = _smooth(rec.loss[end:]) - _smooth(ref[g].loss[end:])

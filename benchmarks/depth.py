@@ -135,7 +135,7 @@ def arms_table(depth: int, scanned: bool, rounds: int, timed: bool,
   arms = {"adam": build(problem, None)}
   arms.update({name: build(problem, mode) for name, mode in MODES.items()})
   if timed:
-    window = _sensitivity.sweep_interval("auto", len(ebc_optax.budget_layers(
+    window = ebc_optax.cadence.sweep_interval("auto", len(ebc_optax.budget_layers(
         problem.params, stacked=problem.stacked)))
     for arm in arms.values():  # warm-up window: the next one starts on a sweep
       time_window(arm, window)
@@ -174,14 +174,13 @@ def at_step(state, step: int):
 def kind_steps(num_layers: int) -> tuple[dict[str, int], dict[str, int]]:
   """Counter values that select each kind of step of the default cadence,
   and how many of each one sweep interval holds (update_every = probe_every
-  = 20, the sweep every ``sweep_interval("auto", L)`` steps: 200 up to 8
-  layers, 800 at 32)."""
-  every = _sensitivity.sweep_interval("auto", num_layers)
-  steps = {"plain": every + 1, "refresh+probe": every + 20,
-           "sweep+probe": 2 * every}
-  counts = {"plain": every - every // 20, "refresh+probe": every // 20 - 1,
-            "sweep+probe": 1}
-  return steps, counts
+  = 20, the sweep every ``cadence.sweep_interval("auto", L)`` steps: 200 up
+  to 8 layers, 800 at 32; :func:`ebc_optax.cadence.kinds_in_interval`)."""
+  kinds = ebc_optax.cadence.kinds_in_interval(
+      ebc_optax.cadence.sweep_interval("auto", num_layers), update_every=20,
+      probe_every=20)
+  return ({k: first for k, (first, _) in kinds.items()},
+          {k: count for k, (_, count) in kinds.items()})
 
 
 def _one_step(arm: dict, counter: int | None) -> float:

@@ -52,11 +52,13 @@ from ebc_optax._trust_region import trust_region_ratio
 from ebc_optax._trust_region import TrustRegionState
 from ebc_optax._wrap import wrap
 from ebc_optax._wrap import WrapState
+from ebc_optax import cadence  # the refresh / sweep / probe schedule
 
 __version__ = "0.1.0"
 
 __all__ = (
     "SEEDS_RECIPE",
+    "cadence",
     "BudgetClipState",
     "EBCConfig",
     "EnergyBudgetClipState",

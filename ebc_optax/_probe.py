@@ -25,6 +25,7 @@ from ebc_optax import _guard
 from ebc_optax import _logits
 from ebc_optax import _sensitivity
 from ebc_optax import _validation
+from ebc_optax import cadence
 
 
 class KLProbeState(NamedTuple):
@@ -237,11 +238,6 @@ def check_loss_fn(loss_fn: Callable[[jax.Array, Any], jax.Array],
         f"{getattr(out, 'shape', out)!r}.")
 
 
-def _is_probe_step(step: jax.Array, probe_every: int) -> jax.Array:
-  every = jnp.asarray(probe_every, jnp.int32)  # may be a tracer
-  return jnp.logical_and(every > 0, step % jnp.maximum(every, 1) == 0)
-
-
 def kl_probe(
     inner: optax.GradientTransformationExtraArgs,
     estimator: _sensitivity.SensitivityEstimator,
@@ -388,7 +384,7 @@ def kl_probe(
     operand = (state.controller_state, state.guard_state, factor)
     (ctrl_state, guard_state, factor), (
         new_delta, applied_kl, change, budgeted_change, promised,
-        ran) = jax.lax.cond(_is_probe_step(step, probe_every), probe, skip,
+        ran) = jax.lax.cond(cadence.is_probe(step, probe_every), probe, skip,
                             operand)
     if controller is not None and controller.every_step:
       # This step's c and S; the latest probe's KL, T and ρ (its c·S is

@@ -25,13 +25,10 @@ from ebc_optax import _layers
 from ebc_optax import _logits
 from ebc_optax import _rows
 from ebc_optax import _validation
+from ebc_optax import cadence
 
 LogitsFn = Callable[[Any, Any], jax.Array]
 SENSITIVITY_METHODS = ("jvp", "fd")
-# ``full_sweep_every="auto"``: a full sweep every SWEEP_EVERY steps per
-# SWEEP_LAYERS budgeted layers, so its amortised cost does not grow with depth.
-SWEEP_EVERY = 200
-SWEEP_LAYERS = 8
 
 
 class SensitivityState(NamedTuple):
@@ -61,27 +58,6 @@ def layer_norms(update_leaves: Sequence[jax.Array],
                 partition: _layers.LayerPartition) -> jax.Array:
   """``[L]`` float32 Frobenius norms ``‖ΔW_ℓ‖`` of each budgeted layer (slice)."""
   return _layers.layer_norms(update_leaves, partition)
-
-
-def sweep_interval(full_sweep_every: int | str | None,
-                   num_layers: int) -> int | jax.Array | None:
-  """Steps between full β sweeps for ``num_layers`` budgeted layers.
-
-  ``"auto"`` (the default) is ``200 · ⌈L / 8⌉``: every 200 steps up to 8
-  layers — the seeds' cadence, for the seeds' models — and proportionally
-  less often beyond, so a sweep (one tangent pass per layer) costs the same
-  share of training at 64 blocks as at 8 (``benchmarks/RESULTS.md``: at 32
-  blocks a sweep is ≈ 4.4 Adam steps). Between sweeps the round-robin
-  refresh still visits every layer every ``update_every · ⌈L / k⌉`` steps.
-  An int (or None/0: no periodic sweep) is used as given.
-
-  Example:
-    >>> sweep_interval("auto", 3), sweep_interval("auto", 32), sweep_interval(50, 32)
-    (200, 800, 50)
-  """
-  if isinstance(full_sweep_every, str):
-    return SWEEP_EVERY * max(1, -(-num_layers // SWEEP_LAYERS))
-  return full_sweep_every
 
 
 def check_full_sweep_every(value: Any) -> None:
@@ -357,7 +333,8 @@ def sensitivity_estimator(
     update_every: steps between round-robin refreshes (>= 1).
     probe_layers: layers per round-robin refresh (>= 1).
     full_sweep_every: steps between full sweeps (``None``/0: only the
-      first); ``"auto"``: 200 per 8 budgeted layers (:func:`sweep_interval`).
+      first); ``"auto"``: 200 per 8 budgeted layers
+      (:func:`ebc_optax.cadence.sweep_interval`).
     beta_ema: EMA decay in ``[0, 1)``; 0 uses each fresh estimate as is.
     huber_ratio: a fresh estimate is clipped to within this factor of the EMA.
     safety: multiplier (>= 1 is conservative) applied to the smoothed ``β``.
@@ -431,12 +408,9 @@ def sensitivity_estimator(
     active = norms > 0
     unmeasured = jnp.any(jnp.logical_and(active, ~state.beta_measured))
     full = unmeasured
-    every = sweep_interval(full_sweep_every, num_layers)
-    if every is not None:  # may be a tracer (inject_hyperparams)
-      sweep = jnp.asarray(every, jnp.int32)
-      full = jnp.logical_or(
-          full, jnp.logical_and(sweep > 0, step % jnp.maximum(sweep, 1) == 0))
-    round_robin = step % jnp.asarray(update_every, jnp.int32) == 0
+    full = jnp.logical_or(full, cadence.is_sweep(  # may be a tracer
+        step, cadence.sweep_interval(full_sweep_every, num_layers)))
+    round_robin = cadence.is_refresh(step, update_every)
     k = jnp.minimum(jnp.asarray(probe_layers, jnp.int32), num_layers)
     n = jnp.where(full, num_layers, jnp.where(round_robin, k, 0))
     start = jnp.where(full, 0, state.beta_cursor)

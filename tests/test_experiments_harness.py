@@ -63,9 +63,12 @@ def test_set_overrides_parse_json_values():
 
 # --- trainer -------------------------------------------------------------------
 
-def test_training_with_ebc_reduces_loss_and_logs_everything(tmp_path):
-  cfg = smoke("train.steps=40", "optim.lr=0.01")
-  summary = train_lib.train(cfg, tmp_path / "run")
+def test_training_with_ebc_reduces_loss_and_logs_everything(tmp_path, capsys):
+  cfg = smoke("train.steps=40", "optim.lr=0.01", "log.progress=true")
+  summary = train_lib.train(cfg, tmp_path / "run", progress_prefix="smoke ")
+  bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+  assert any(l.startswith("smoke: 100%") and "40/40" in l and "loss " in l
+             for l in bar), bar[-3:]
   records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert summary["status"] == "ok" and summary["steps"] == 40
   assert records[-1]["train_loss"] < records[0]["train_loss"]

@@ -362,13 +362,6 @@ def test_periodic_full_sweeps():
   _check_refreshes(betas, ups, jacs, expected, 6, 11)
 
 
-def test_sweep_interval_auto_is_200_per_8_layers():
-  got = [_sensitivity.sweep_interval("auto", n) for n in (1, 3, 8, 9, 16, 32, 64)]
-  assert got == [200, 200, 200, 400, 400, 800, 1600]
-  assert _sensitivity.sweep_interval(50, 64) == 50
-  assert _sensitivity.sweep_interval(None, 64) is None
-
-
 @pytest.mark.parametrize("num_blocks,swept_at", [(8, (200, 400)), (9, (400,))])
 def test_auto_full_sweep_comes_every_200_steps_per_8_layers(num_blocks, swept_at):
   """The default sweep cadence: at 8 layers steps 200 and 400 sweep, at 9

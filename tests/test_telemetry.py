@@ -56,6 +56,17 @@ def test_before_the_first_step_nothing_reads_as_measured(tiny):
 def test_pieces_absent_from_the_composition_are_absent(tiny, build, keys):
   _, params, _, _ = tiny
   assert set(ebc_optax.telemetry(build().init(params))) == keys
+  assert keys <= _readme_keys(), keys - _readme_keys()
+
+
+def _readme_keys():
+  """The keys the README's *Telemetry* table documents (its first column)."""
+  import pathlib
+  import re
+  text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+  table = text.split("## Telemetry", 1)[1].split("\n\n**", 1)[0]
+  return {key for row in table.splitlines() if row.startswith("| `")
+          for key in re.findall(r"`([^`]+)`", row.split(" | ")[0])}
 
 
 def test_values_follow_the_state_over_a_run(tiny):

@@ -420,7 +420,9 @@ def recording(inner: optax.GradientTransformation
               ) -> optax.GradientTransformation:
   """``inner`` (a stateless-in-effect clip, e.g. ``optax.clip_by_global_norm``
   or ``optax.adaptive_grad_clip``) with a decision: CLIPPED when its output
-  differs from its input."""
+  differs from its input. Exact comparison is sound for these two: where
+  they do not clip they select the input (``jnp.where``), they do not
+  multiply it by 1."""
 
   def init(params):
     return RecordState(inner.init(params), jnp.zeros([], jnp.int32))

@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 import ebc_optax
-from ebc_optax import _sensitivity
+from ebc_optax import cadence
 from ebc_optax.experiments import bursts
 from ebc_optax.experiments import config as config_lib
 from ebc_optax.experiments import data as data_lib
@@ -222,18 +222,22 @@ def restore_checkpoint(path: pathlib.Path, params, opt_state):
 
 # --- the loop ----------------------------------------------------------------
 
-def _progress(step: int, total: int, loss: float, c: float | None,
-              enabled: bool, prefix: str) -> None:
+def _progress_bar(enabled: bool, total: int, initial: int, prefix: str
+                  ) -> Any:
+  """A ``tqdm`` bar on stderr (None when disabled), advanced at each log."""
   if not enabled:
+    return None
+  from tqdm import auto as tqdm_auto
+  return tqdm_auto.tqdm(total=total, initial=initial, desc=prefix.strip() or None,
+                        file=sys.stderr, unit="step", dynamic_ncols=True)
+
+
+def _advance(bar: Any, step: int, loss: float, c: float | None) -> None:
+  if bar is None:
     return
-  width = 24
-  done = int(width * step / max(total, 1))
-  c_txt = f" c {c:.3f}" if c is not None else ""
-  sys.stderr.write(f"\r{prefix}[{'#' * done}{'.' * (width - done)}] "
-                   f"{step}/{total} loss {loss:.4f}{c_txt}   ")
-  if step >= total:
-    sys.stderr.write("\n")
-  sys.stderr.flush()
+  bar.update(step - bar.n)
+  bar.set_postfix_str(f"loss {loss:.4f}" + (f" c {c:.3f}" if c is not None else ""),
+                      refresh=False)
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -375,14 +379,13 @@ def train(
     return (step % cfg.train.eval_interval == 0 or step == steps - 1
             or step in eval_steps)
 
-  sweep_every = _sensitivity.sweep_interval(cfg.ebc.full_sweep_every,
-                                             len(run.layers))
+  sweep_every = cadence.sweep_interval(cfg.ebc.full_sweep_every,
+                                       len(run.layers))
 
   def cadence_step(ebc_step: int) -> bool:
-    e = cfg.ebc
-    return use_ebc and (ebc_step % e.update_every == 0
-                        or (e.probe_every and ebc_step % e.probe_every == 0)
-                        or (sweep_every and ebc_step % sweep_every == 0))
+    return use_ebc and cadence.measures(
+        ebc_step, update_every=cfg.ebc.update_every,
+        probe_every=cfg.ebc.probe_every, sweep_every=sweep_every)
 
   def handle(step: int, metrics: Any, params_after: Any,
              state_after: Any) -> bool:
@@ -458,12 +461,13 @@ def train(
       record["probe_fraction"] = _probe_fraction(host)
       log.write(json.dumps(record) + "\n")
       log.flush()
-      _progress(step + 1, steps, loss, c, cfg.log.progress, progress_prefix)
+      _advance(bar, step + 1, loss, c)
     if diverged or stalled:
       status = "diverged" if diverged else "stalled"
       return False
     return True
 
+  bar = _progress_bar(cfg.log.progress, steps, start, progress_prefix)
   try:
     for step in range(start, stop_at):
       params, opt_state, metrics = train_step(params, opt_state, jnp.int32(step))
@@ -483,6 +487,8 @@ def train(
       handle(*prev)
   finally:
     log.close()
+    if bar is not None:
+      bar.close()
   host["last_probe_count"] = last_probe_count
   host["probe_fraction"] = _probe_fraction(host)
   wall = time.perf_counter() - t_start

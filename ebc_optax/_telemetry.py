@@ -99,8 +99,9 @@ def telemetry(state: Any) -> dict[str, jax.Array]:
       ``predicted_loss_change``, ``tr_accepted``, ``tr_shrunk``,
       ``tr_grown`` (trust-region controller); ``notfinite_count``,
       ``total_notfinite``, ``refused_count``, ``total_refused``,
-      ``grad_outliers``, ``grad_outlier_run`` (:func:`wrap`; the last two
-      with its gradient-norm check).
+      ``grad_outliers``, ``grad_outlier_run``, ``loss_outliers``,
+      ``loss_outlier_run`` (:func:`wrap`; the last four with its gradient
+      and loss checks).
 
   Raises:
     ValueError: when the state holds no EBC state, or more than one (pass the
@@ -171,4 +172,7 @@ def telemetry(state: Any) -> dict[str, jax.Array]:
     if wrapped.grad_state is not None:
       out["grad_outliers"] = wrapped.grad_state.outliers
       out["grad_outlier_run"] = wrapped.grad_state.outlier_run
+    if wrapped.loss_state is not None:
+      out["loss_outliers"] = wrapped.loss_state.outliers
+      out["loss_outlier_run"] = wrapped.loss_state.outlier_run
   return out

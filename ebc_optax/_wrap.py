@@ -38,6 +38,15 @@ GRAD_NORM_MULTIPLE = 2.25
 # (the level is the median of what the window holds until it is full).
 # Trend line over 24 accepted batches, z 3.5.
 _GRAD_WINDOW, _GRAD_MIN_FILL, _GRAD_TREND, _GRAD_Z = 256, 32, 24, 3.5
+# The loss check (when update gets ``loss=``): the same rule and windows on
+# log(loss), refusing a batch whose loss is more than LOSS_MULTIPLE (×1.1)
+# times its trend and 6 robust standard deviations of its batch-to-batch
+# scatter above it (OLMo-core's 6σ). A quarter of a batch's rows corrupted
+# raises the gradient norm by about the gradient check's own margin (×1.5):
+# it caught the spike suite's `quarter` burst on one seed of two. The loss
+# rises ×1.3 on such a batch — 9–13 σ.
+LOSS_MULTIPLE = 1.1
+_LOSS_Z = 6.0
 
 
 class WrapState(NamedTuple):
@@ -56,6 +65,8 @@ class WrapState(NamedTuple):
     grad_state: the gradient-norm check's
       :class:`~ebc_optax._relative.GradientOutlierState` (None when it is
       off).
+    loss_state: the loss check's ``GradientOutlierState`` (over log loss;
+      None when it is off).
   """
   base_state: Any
   ebc_state: Any
@@ -66,6 +77,7 @@ class WrapState(NamedTuple):
   refused_count: jax.Array
   total_refused: jax.Array
   grad_state: Any = None
+  loss_state: Any = None
 
 
 def wrap(
@@ -76,6 +88,7 @@ def wrap(
     max_consecutive_errors: int | None = None,
     skip_refused: bool = True,
     grad_norm_multiple: float | None = GRAD_NORM_MULTIPLE,
+    loss_multiple: float | None = LOSS_MULTIPLE,
     **ebc_options: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """EBC around a base optimizer: ``base -> ellipsotope_budget_clip -> after``.
@@ -107,6 +120,15 @@ def wrap(
   It catches what the step's logit-space size cannot: Adam normalises a burst of bad batches, so its
   step only ramps up ×1.1–1.2 per step — the pace of a growth phase — while
   the gradient norm jumps at once.
+
+  Pass the batch's loss too (``update(..., batch=batch, loss=loss)``, the
+  mean loss ``jax.value_and_grad`` returns with the gradient) and a batch
+  whose loss is an outlier of the run's own losses — more than
+  ``loss_multiple`` (1.1) times its trend and 6 robust standard deviations
+  of its batch-to-batch scatter above it, by the same rule and windows — is
+  refused the same way (counted in ``loss_state.outliers``). A batch with
+  some rows corrupted raises the loss far more reliably than the gradient
+  norm. Without ``loss=`` this check records nothing.
 
   A step EBC *refuses* (``c = 0`` with a non-zero proposal: an outlier under
   the default relative radius) is skipped whole as well when
@@ -140,12 +162,17 @@ def wrap(
     grad_norm_multiple: refuse a batch whose squared gradient norm is more
       than this many times its trend (> 1; the default 2.25 is ×1.5 in
       norm), as a non-finite one is refused; None turns the check off.
+    loss_multiple: refuse a batch whose loss (``update``'s ``loss=``, a
+      positive mean loss such as cross-entropy) is more than this many
+      times its trend and 6 robust standard deviations above it (> 1);
+      None turns the check off.
     **ebc_options: keyword arguments of :func:`ellipsotope_budget_clip`
       (``target_kl``, ``stacked``, ``kl``, ...).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
-    :class:`WrapState`; ``update(grads, state, params, batch=batch)``.
+    :class:`WrapState`; ``update(grads, state, params, batch=batch)``
+    (``loss=loss`` as well, for the loss check).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, ebc_optax
@@ -169,9 +196,10 @@ def wrap(
       raise ValueError(
           f"{name} must be an optax.GradientTransformation (with init and "
           f"update); got {tx!r}.")
-  if grad_norm_multiple is not None:
-    _validation.check_number("grad_norm_multiple", grad_norm_multiple, lo=1,
-                             lo_open=True)
+  for name, value in (("grad_norm_multiple", grad_norm_multiple),
+                      ("loss_multiple", loss_multiple)):
+    if value is not None:
+      _validation.check_number(name, value, lo=1, lo_open=True)
   axis_name = ebc_options.get("axis_name")
   base = optax.with_extra_args_support(base_optimizer)
   ebc = _transform.ellipsotope_budget_clip(logits_fn, **ebc_options)
@@ -186,10 +214,8 @@ def wrap(
         total_notfinite=jnp.zeros([], jnp.int32),
         refused_count=jnp.zeros([], jnp.int32),
         total_refused=jnp.zeros([], jnp.int32),
-        grad_state=None if grad_norm_multiple is None else
-        _relative.init_tracker(
-            _relative.GradientOutlierState, _GRAD_WINDOW, _GRAD_TREND,
-            log_threshold=jnp.float32(_relative.LOG_UNSET)))
+        grad_state=None if grad_norm_multiple is None else _tracker(),
+        loss_state=None if loss_multiple is None else _tracker())
 
   def update(grads, state, params=None, **extra_args):
     finite = _safety.tree_all_finite(grads)
@@ -201,6 +227,11 @@ def wrap(
     if grad_state is not None:  # the batch itself: its gradient's size
       grad_state, grad_outlier = _check_gradient(
           grad_state, grads, finite, grad_norm_multiple, axis_name)
+    loss_state, loss_outlier = state.loss_state, jnp.array(False)
+    if loss_state is not None and extra_args.get("loss") is not None:
+      loss_state, loss_outlier = _check_loss(
+          loss_state, extra_args["loss"], finite, loss_multiple, axis_name)
+    grad_outlier = jnp.logical_or(grad_outlier, loss_outlier)
 
     def step(_):
       u, base_state = base.update(grads, state.base_state, params, **extra_args)
@@ -236,29 +267,55 @@ def wrap(
         refused_count=jnp.where(refused, state.refused_count + 1, 0
                                 ).astype(jnp.int32),
         total_refused=state.total_refused + refused.astype(jnp.int32),
-        grad_state=grad_state)
+        grad_state=grad_state, loss_state=loss_state)
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _tracker() -> Any:
+  """An empty batch check (:class:`~ebc_optax._relative.GradientOutlierState`)."""
+  return _relative.init_tracker(
+      _relative.GradientOutlierState, _GRAD_WINDOW, _GRAD_TREND,
+      log_threshold=jnp.float32(_relative.LOG_UNSET))
 
 
 def _check_gradient(state: Any, grads: Any, finite: jax.Array,
                     multiple: float, axis_name: Any
                     ) -> tuple[Any, jax.Array]:
-  """Judges ``log ‖g‖²`` against its trend (the relative radius's rule, see
-  :func:`relative_radius`): returns the new state and whether the gradient
-  is an outlier. A non-finite or zero gradient is not recorded."""
+  """Judges ``log ‖g‖²`` against its trend (:func:`_judge`)."""
   sq = sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
            for g in jax.tree.leaves(grads)
            if jnp.issubdtype(jnp.asarray(g).dtype, jnp.inexact))
   sq = jnp.asarray(sq, jnp.float32)
   if axis_name is not None:  # every replica decides alike
     sq = jax.lax.pmean(sq, axis_name)
-  seen = jnp.logical_and(finite, sq > 0)
-  value = jnp.log(jnp.where(seen, sq, 1.0))
+  return _judge(state, sq, finite, multiple, _GRAD_Z)
+
+
+def _check_loss(state: Any, loss: Any, finite: jax.Array, multiple: float,
+                axis_name: Any) -> tuple[Any, jax.Array]:
+  """Judges ``log loss`` against its trend (:func:`_judge`)."""
+  loss = jnp.asarray(loss, jnp.float32)
+  if loss.ndim:
+    raise ValueError(f"wrap: loss= must be the batch's scalar mean loss; got "
+                     f"shape {loss.shape}.")
+  if axis_name is not None:
+    loss = jax.lax.pmean(loss, axis_name)
+  return _judge(state, loss, jnp.logical_and(finite, jnp.isfinite(loss)),
+                multiple, _LOSS_Z)
+
+
+def _judge(state: Any, positive: jax.Array, finite: jax.Array,
+           multiple: float, z: float) -> tuple[Any, jax.Array]:
+  """Judges ``log positive`` against its trend (the relative radius's rule,
+  see :func:`relative_radius`): returns the new state and whether it is an
+  outlier. A non-finite or non-positive value is not recorded."""
+  seen = jnp.logical_and(finite, positive > 0)
+  value = jnp.log(jnp.where(seen, positive, 1.0))
   outlier = jnp.logical_and(seen, value > state.log_threshold)
   new, log_threshold = _relative.observe(
       state, value, seen, state.log_threshold, window=_GRAD_WINDOW,
-      multiple=multiple, z=_GRAD_Z, min_fill=_GRAD_MIN_FILL,
+      multiple=multiple, z=z, min_fill=_GRAD_MIN_FILL,
       clamp_outliers=False)
   new = new._replace(log_threshold=jnp.where(seen, log_threshold,
                                              state.log_threshold))

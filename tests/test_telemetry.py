@@ -51,7 +51,8 @@ def test_before_the_first_step_nothing_reads_as_measured(tiny):
      ALWAYS | PROBE | RELATIVE | {"nonfinite_skips", "notfinite_count",
                                  "total_notfinite", "refused_count",
                                  "total_refused", "grad_outliers",
-                                 "grad_outlier_run"}),
+                                 "grad_outlier_run", "loss_outliers",
+                                 "loss_outlier_run"}),
 ])
 def test_pieces_absent_from_the_composition_are_absent(tiny, build, keys):
   _, params, _, _ = tiny

@@ -128,6 +128,8 @@ def test_lr_times_100_stays_finite(tiny):
     ({"after": "decay"}, "after must be an optax"),
     ({"target_kl": 0.0}, "target_kl"),
     ({"skip_refused": 1}, "skip_refused"),
+    ({"loss_multiple": 1.0}, "loss_multiple"),
+    ({"grad_norm_multiple": 0.5}, "grad_norm_multiple"),
 ])
 def test_bad_arguments_are_clear_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -204,3 +206,66 @@ def test_a_refused_batch_keeps_the_moments_but_the_count_advances(tiny):
   assert int(ebc_optax.telemetry(state)["grad_outliers"]) == 1
   chex.assert_trees_all_equal((adam.mu, adam.nu), (before.mu, before.nu))
   assert int(adam.count) == int(before.count) + 1 == 41
+
+
+def _loss_run(tiny, factors, **options):
+  """Adam under wrap for ``len(factors)`` steps of the tiny problem, with
+  the loss passed to ``update`` a stationary noisy one (2 nats ± 2%, as a
+  run's plateau) times ``factors[t]`` (a corrupted batch's loss; the
+  gradient unchanged); returns the per-step refusals of the loss check and
+  the final state."""
+  noise = 1 + 0.02 * np.random.default_rng(0).standard_normal(len(factors))
+  _, params, batch, _ = tiny
+  tx = ebc_optax.wrap(optax.adam(1e-2), tiny_logits_fn, probe_batch_size=None,
+                      **options)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, loss):
+    grads = jax.grad(next_token_loss)(params, batch)
+    updates, state = tx.update(grads, state, params, batch=batch, loss=loss)
+    return optax.apply_updates(params, updates), state, updates
+
+  flags, count = [], 0
+  for t, f in enumerate(factors):
+    before = state
+    params, state, updates = step(params, state, jnp.float32(2 * noise[t] * f))
+    n = int(ebc_optax.telemetry(state).get("loss_outliers", 0))
+    flags.append(n > count)
+    if n > count:  # refused whole: no update, Adam's moments as they were
+      assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates))
+      chex.assert_trees_all_equal(state.base_state[0].mu,
+                                  before.base_state[0].mu)
+    count = n
+  return np.asarray(flags), state
+
+
+def test_a_batch_whose_loss_is_an_outlier_is_refused(tiny):
+  factors = np.ones(60)
+  factors[45] = 1.3   # a quarter of the rows random: refused
+  factors[50] = 1.05  # under loss_multiple (1.1): passes
+  flags, state = _loss_run(tiny, factors)
+  assert np.flatnonzero(flags).tolist() == [45]
+  assert int(ebc_optax.telemetry(state)["loss_outlier_run"]) == 0
+  # Off, or no loss given: nothing judged, the key absent when off.
+  flags, state = _loss_run(tiny, factors, loss_multiple=None)
+  assert not flags.any() and "loss_outliers" not in ebc_optax.telemetry(state)
+
+
+def test_a_lasting_change_of_the_loss_passes(tiny):
+  """The loss ×1.5 for good from step 40: refused until the shifted values
+  hold half of the level's window (here: as many as the 40 before), then
+  let through for good."""
+  factors = np.where(np.arange(200) >= 40, 1.5, 1.0)
+  flags, _ = _loss_run(tiny, factors)
+  refused = np.flatnonzero(flags)
+  assert refused[0] == 40 and 30 <= len(refused) <= 50, refused
+  assert refused[-1] < 100, refused
+
+
+def test_a_loss_that_is_not_a_scalar_is_an_error(tiny):
+  _, params, batch, _ = tiny
+  tx = ebc_optax.wrap(optax.adam(1e-2), tiny_logits_fn)
+  grads = jax.grad(next_token_loss)(params, batch)
+  with pytest.raises(ValueError, match="scalar mean loss"):
+    tx.update(grads, tx.init(params), params, batch=batch, loss=jnp.ones(3))

@@ -89,8 +89,8 @@ class OptimConfig:
   skip_keep_skipped: bool = True
   skip_keep_state: bool = True
   # clip="ebc": ebc_optax.wrap's skip_refused (False: the base absorbs) and
-  # its gradient-norm check (False: grad_norm_multiple=None, EBC's radius
-  # is the only detector).
+  # its batch checks, gradient norm and loss (False: grad_norm_multiple and
+  # loss_multiple None, EBC's radius is the only detector).
   ebc_skip_refused: bool = True
   ebc_grad_check: bool = True
   spectral: str = "none"

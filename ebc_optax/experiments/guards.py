@@ -455,8 +455,9 @@ def decision(opt_state: Any) -> jax.Array:
     tel = ebc_optax.telemetry(opt_state)
     refused = jnp.logical_or(tel["refused_count"] > 0,
                              tel["notfinite_count"] > 0)
-    if "grad_outlier_run" in tel:
-      refused = jnp.logical_or(refused, tel["grad_outlier_run"] > 0)
+    for key in ("grad_outlier_run", "loss_outlier_run"):
+      if key in tel:
+        refused = jnp.logical_or(refused, tel[key] > 0)
     found.append(jnp.where(refused, SKIPPED,
                            jnp.where(tel["c"] < 1, CLIPPED, PASSED)))
   if not found:

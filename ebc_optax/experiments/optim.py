@@ -112,7 +112,7 @@ def build_optimizer(
 ) -> optax.GradientTransformationExtraArgs:
   """The full chain for ``cfg``; ``update`` takes ``batch=inputs``, for
   ``optim.clip="energy"`` also ``activation_norms={label: norm}``, and for
-  ``optim.clip="skip_step"`` also ``loss=<the batch's loss>``."""
+  ``optim.clip="skip_step"`` and ``"ebc"`` also ``loss=<the batch's loss>``."""
   stacked = stacked_layers(cfg)
   decay = (optax.add_decayed_weights(-cfg.lr * cfg.optim.weight_decay)
            if cfg.optim.weight_decay else None)
@@ -127,7 +127,8 @@ def build_optimizer(
                              **kwargs)
       return optax.contrib.schedule_free(inner, _schedule_free_lr(cfg),
                                          b1=cfg.optim.b1)
-    checks = {} if cfg.optim.ebc_grad_check else {"grad_norm_multiple": None}
+    checks = {} if cfg.optim.ebc_grad_check else {"grad_norm_multiple": None,
+                                                  "loss_multiple": None}
     return ebc_optax.wrap(base_optimizer(cfg), logits_fn, after=decay,
                           skip_refused=cfg.optim.ebc_skip_refused, **checks,
                           **kwargs)

@@ -109,7 +109,7 @@ def make_train_step(run: Run):
            if cfg.train.burst == "markov" else None)
   use_ebc = cfg.optim.clip == "ebc"
   use_energy = cfg.optim.clip == "energy"
-  use_loss = cfg.optim.clip == "skip_step"
+  use_loss = cfg.optim.clip in ("skip_step", "ebc")  # skip-step, wrap's check
 
   def loss_fn(params, inputs, targets):
     if use_energy:  # the activation norms come from the same forward pass

@@ -546,7 +546,7 @@ class StepRecord(NamedTuple):
   c: jax.Array
   S: jax.Array
   rho: jax.Array
-  skipped: jax.Array  # refusals so far: EBC's (c = 0) and wrap's gradient check
+  skipped: jax.Array  # refusals so far: EBC's (c = 0), wrap's gradient and loss checks
   decision: jax.Array  # what the spike guard did this step (guards.decision)
 
 
@@ -565,7 +565,8 @@ class Arm(NamedTuple):
 def make_arm(model: ZooModel, tx: optax.GradientTransformation,
              with_ebc: bool, with_loss: bool = False) -> Arm:
   """The jitted train step of ``tx`` on ``model`` (next-token loss; passed
-  to ``tx.update`` as ``loss=`` when ``with_loss``, for a skip-step)."""
+  to ``tx.update`` as ``loss=`` when ``with_loss``, for a skip-step, and
+  with EBC, for ``wrap``'s loss check)."""
   tx = optax.with_extra_args_support(tx)
   traces = [0]
   nan = jnp.full([], jnp.nan, jnp.float32)
@@ -574,7 +575,7 @@ def make_arm(model: ZooModel, tx: optax.GradientTransformation,
   def step(params, state, windows, learning_rate, optimizer_index):
     traces[0] += 1  # runs once per trace, not per call
     loss, grads = jax.value_and_grad(loss_fn)(params, windows)
-    extra = {"loss": loss} if with_loss else {}
+    extra = {"loss": loss} if with_loss or with_ebc else {}
     updates, state = tx.update(grads, state, params, batch=windows[:, :-1],
                                learning_rate=learning_rate,
                                optimizer_index=optimizer_index, **extra)
@@ -582,7 +583,8 @@ def make_arm(model: ZooModel, tx: optax.GradientTransformation,
     decision = guards.decision(state)
     if with_ebc:
       tel = ebc_optax.telemetry(state)
-      skipped = tel["total_refused"] + tel.get("grad_outliers", 0)
+      skipped = (tel["total_refused"] + tel.get("grad_outliers", 0)
+                 + tel.get("loss_outliers", 0))
       rec = StepRecord(loss, tel["c"], tel["S"], tel.get("rho", nan), skipped,
                        decision)
     else:

@@ -50,9 +50,8 @@ import optax
 from flax import nnx
 
 import ebc_optax
-from ebc_optax import _layers
-from ebc_optax import _probe
-from ebc_optax import _sensitivity
+from ebc_optax import advanced
+from ebc_optax import layers as layers_lib
 from ebc_optax.experiments import model as model_lib
 from ebc_optax.experiments import optim as optim_lib
 
@@ -135,7 +134,7 @@ def arms_table(depth: int, scanned: bool, rounds: int, timed: bool,
   arms = {"adam": build(problem, None)}
   arms.update({name: build(problem, mode) for name, mode in MODES.items()})
   if timed:
-    window = ebc_optax.cadence.sweep_interval("auto", len(ebc_optax.budget_layers(
+    window = ebc_optax.cadence.sweep_interval("auto", len(ebc_optax.layers.budget_layers(
         problem.params, stacked=problem.stacked)))
     for arm in arms.values():  # warm-up window: the next one starts on a sweep
       time_window(arm, window)
@@ -167,8 +166,8 @@ def at_step(state, step: int):
   branch the next update takes: plain, round-robin + probe, or sweep)."""
   return jax.tree.map(
       lambda x: x._replace(ebc_step=jnp.asarray(step, jnp.int32))
-      if isinstance(x, ebc_optax.BudgetClipState) else x,
-      state, is_leaf=lambda x: isinstance(x, ebc_optax.BudgetClipState))
+      if isinstance(x, ebc_optax.advanced.BudgetClipState) else x,
+      state, is_leaf=lambda x: isinstance(x, ebc_optax.advanced.BudgetClipState))
 
 
 def kind_steps(num_layers: int) -> tuple[dict[str, int], dict[str, int]]:
@@ -203,7 +202,7 @@ def step_kinds_table(depth: int, scanned: bool, width: int, batch: int,
   per-round window means."""
   problem = Problem(depth, scanned, width, batch, seq, heads=4)
   arms = {"adam": build(problem, None), "default": build(problem, {})}
-  layers = len(ebc_optax.budget_layers(problem.params, stacked=problem.stacked))
+  layers = len(ebc_optax.layers.budget_layers(problem.params, stacked=problem.stacked))
   steps, counts = kind_steps(layers)
   for kind, k in steps.items():  # warm-up
     _one_step(arms["adam"], None), _one_step(arms["default"], k)
@@ -250,7 +249,7 @@ def refresh_costs(depth: int, rounds: int) -> str:
   problem = Problem(depth, scanned=False)
   params, apply_fn = problem.params, problem.fns.apply_fn
   rows = problem.inputs[:max(1, BATCH // 4)]
-  part = _layers.partition_layers(params)
+  part = layers_lib.partition_layers(params)
   leaves, treedef = jax.tree.flatten(params)
   updates = [jnp.ones_like(x) for x in leaves]
   num_layers = len(part.labels)
@@ -259,20 +258,20 @@ def refresh_costs(depth: int, rounds: int) -> str:
 
   def per_layer(lv, b, layer):
     idx = part.leaf_indices[layer]
-    return _sensitivity.directional_logit_change(
+    return advanced.directional_logit_change(
         apply_fn, lv, treedef, idx, [updates[i] for i in idx], b)
 
   def masked(lv, b, layer):
-    f = _sensitivity._logits_of(apply_fn, lv, treedef, sub_idx, b)
+    f = advanced.logits_of(apply_fn, lv, treedef, sub_idx, b)
     return jax.jvp(f, ([lv[i] for i in sub_idx],),
-                   (_sensitivity.masked_direction(updates, part, weights(layer)),))[1]
+                   (advanced.masked_direction(updates, part, weights(layer)),))[1]
 
   def linearized(lv, b, count):
-    change = _sensitivity.layer_change_fn(apply_fn, lv, treedef, part, b)
+    change = advanced.layer_change_fn(apply_fn, lv, treedef, part, b)
 
     def body(j, acc):
       return acc + jnp.sum(jnp.square(change(
-          _sensitivity.masked_direction(updates, part, weights(j)), 1.0)[1]))
+          advanced.masked_direction(updates, part, weights(j)), 1.0)[1]))
     return jax.lax.fori_loop(0, count, body, jnp.zeros([]))
 
   forward = jax.jit(apply_fn)
@@ -298,15 +297,15 @@ def compile_parts(depth: int, rounds: int) -> str:
   problem = Problem(depth, scanned=False)
   params, apply_fn = problem.params, problem.fns.apply_fn
   rows = problem.inputs[::4]
-  part = _layers.partition_layers(params)
+  part = layers_lib.partition_layers(params)
   leaves, treedef = jax.tree.flatten(params)
   num_layers, idx = len(part.labels), part.budgeted_leaves
 
   def on_sub(lv):
-    return _sensitivity._logits_of(apply_fn, lv, treedef, idx, rows)
+    return advanced.logits_of(apply_fn, lv, treedef, idx, rows)
 
   def mask(upd, n):
-    return _sensitivity.masked_direction(
+    return advanced.masked_direction(
         upd, part, jnp.where(jnp.arange(num_layers) == n, 1.0, 0.0))
 
   def adam(lv, upd, n):
@@ -320,7 +319,7 @@ def compile_parts(depth: int, rounds: int) -> str:
     return apply_fn(jax.tree.unflatten(treedef, lv), rows)
 
   def probe(lv, upd, n):  # the probe's two forwards, one lax.map
-    return _probe._before_and_after(
+    return advanced.measure_applied_change(
         apply_fn, jax.tree.unflatten(treedef, lv),
         jax.tree.unflatten(treedef, upd), rows)
 
@@ -332,7 +331,7 @@ def compile_parts(depth: int, rounds: int) -> str:
 
   def refresh(lv, upd, n):  # what a β refresh compiles: linearize, loop, cond
     def run():
-      change = _sensitivity.layer_change_fn(apply_fn, lv, treedef, part, rows)
+      change = advanced.layer_change_fn(apply_fn, lv, treedef, part, rows)
       return jax.lax.fori_loop(0, n, lambda j, a: a + jnp.sum(
           jnp.square(change(mask(upd, j), 1.0)[1])), 0.0)
     return jax.lax.cond(n > 0, run, lambda: 0.0)

@@ -35,8 +35,8 @@ import numpy as np
 import optax
 
 import ebc_optax
-from ebc_optax import _layers
-from ebc_optax import _sensitivity
+from ebc_optax import advanced
+from ebc_optax import layers
 from ebc_optax.experiments import model as model_lib
 from ebc_optax.experiments import optim as optim_lib
 
@@ -184,13 +184,13 @@ def probe_costs(problem: Problem, rounds: int) -> list[tuple[str, float, float]]
   """(layer, JVP/forward on the same rows, JVP on B/4 rows / full forward)."""
   params, inputs = problem.params, problem.inputs
   quarter = inputs[:max(1, -(-inputs.shape[0] // 4))]
-  part = _layers.partition_layers(params)
+  part = layers.partition_layers(params)
   leaves, treedef = jax.tree.flatten(params)
   forward = jax.jit(problem.apply_fn)
   rows = []
   for layer, idx in zip(part.labels, part.leaf_indices):
     direction = [jnp.ones_like(leaves[i]) for i in idx]
-    probe = jax.jit(lambda lv, d, b, idx=idx: _sensitivity.directional_logit_change(
+    probe = jax.jit(lambda lv, d, b, idx=idx: advanced.directional_logit_change(
         problem.apply_fn, lv, treedef, idx, d, b))
     same, sub = [], []
     for _ in range(rounds):
@@ -209,7 +209,7 @@ def modes_and_probes(cfg: dict, blocks: int, args: argparse.Namespace) -> None:
     raise SystemExit(f"unknown --modes {unknown}; modes: {list(MODES)}")
   arms = {"adam": None, **{name: MODES[name] for name in chosen}}
   res = ratios(measure_arms(problem, arms, args.rounds, args.block_steps))
-  num_layers = len(_layers.budget_layers(problem.params))
+  num_layers = len(layers.budget_layers(problem.params))
   m = cfg["model"]
   print(f"# model: {args.config}: {blocks} blocks, d {m['d_embed']}, "
         f"{m['num_heads']} heads, seq {problem.seq}, batch {problem.batch_size}, "
@@ -242,7 +242,7 @@ def depth_sweep(cfg: dict, args: argparse.Namespace) -> None:
     problem = Problem(cfg, depth, args.vocab)
     arms = {"adam": None, **{name: MODES[name] for name in DEPTH_MODES}}
     r = ratios(measure_arms(problem, arms, args.depth_rounds, args.block_steps))
-    print(f"{depth},{len(_layers.budget_layers(problem.params))}," + ",".join(
+    print(f"{depth},{len(layers.budget_layers(problem.params))}," + ",".join(
         f"{r[name]['ratio']:.3f},{r[name]['p25']:.3f},{r[name]['p75']:.3f}"
         for name in DEPTH_MODES)
           + f",{r[DEPTH_MODES[0]]['ebc_state_floats']}", flush=True)

@@ -54,6 +54,16 @@ class WrapProblem(overhead.Problem):
     return ebc_optax.wrap(adam, self.apply_fn,
                           loss_fn=optim_lib.next_token_loss, **mode)
 
+  def step_fn(self, tx):
+    takes_loss = isinstance(tx.init(self.params), ebc_optax.WrapState)
+
+    def step(params, state):  # the wrap arms get the batch's loss, as advised
+      loss, grads = jax.value_and_grad(self.loss)(params)
+      extra = {"loss": loss} if takes_loss else {}
+      updates, state = tx.update(grads, state, params, batch=self.inputs, **extra)
+      return optax.apply_updates(params, updates), state
+    return jax.jit(step)
+
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -14,7 +14,7 @@ of the last 20 steps) EBC / base and their ratio, the range of the probe's
 base and the burst run of a model). Then the burst check: the windows of
 steps ``[start, start + length)`` of both arms are uniformly random tokens,
 and the table counts how many of them EBC refused. Last, the layers EBC
-budgets for each model (``ebc_optax.budget_layers``).
+budgets for each model (``ebc_optax.layers.budget_layers``).
 
 Run (≈6 min for the full grid on the 2-core VM, most of it compiling):
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> str:
         print(bursts[-1], flush=True)
   lines += ["", "Burst of uniformly random tokens (both arms):", ""]
   lines += bursts if burst is not None else ["(skipped)"]
-  lines += ["", "Budgeted layers (`ebc_optax.budget_layers`):", "",
+  lines += ["", "Budgeted layers (`ebc_optax.layers.budget_layers`):", "",
             "| model | stacked | budgeted layers |", "|---|---|---|"] + layers
   lines += ["", f"Total wall time {time.perf_counter() - start:.0f} s."]
   text = "\n".join(lines) + "\n"

@@ -1,10 +1,10 @@
 """The budgeted clip: ``c = min(1, τ / S)`` applied to the whole update.
 
 :func:`budget_clip` is the EBC transformation with a fixed trust radius: it
-refreshes ``β`` (through a :class:`~ebc_optax.SensitivityEstimator`), forms
+refreshes ``β`` (through a :class:`~ebc_optax.advanced.SensitivityEstimator`), forms
 ``S = agg_ℓ(β_ℓ ‖ΔW_ℓ‖)`` and scales every update leaf by ``c``. A wrapper
 that adapts the KL target ``δ`` or the guard's radius factor
-(:func:`~ebc_optax.kl_probe`) owns them and passes them *down* at every
+(:func:`~ebc_optax.advanced.kl_probe`) owns them and passes them *down* at every
 ``update`` (the keyword arguments ``kl_target`` and ``radius_factor``), as
 ``optax.inject_hyperparams`` passes hyperparameters: the clip records what it
 used and never knows it is wrapped.
@@ -18,11 +18,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ebc_optax import _aggregate
 from ebc_optax import _layers
-from ebc_optax import _logits
 from ebc_optax import _sensitivity
 from ebc_optax import _validation
+from ebc_optax import formulas
 
 
 class BudgetClipState(NamedTuple):
@@ -81,7 +80,7 @@ def scale_updates(updates: Any, scale: jax.Array) -> Any:
       lambda u: (u.astype(jnp.float32) * scale).astype(u.dtype), updates)
 
 
-AGGREGATES = _aggregate.AGGREGATES + ("exact",)
+AGGREGATES = formulas.AGGREGATES + ("exact",)
 
 
 def _norms(leaves: list[jax.Array], part: _layers.LayerPartition
@@ -95,17 +94,29 @@ def _norms(leaves: list[jax.Array], part: _layers.LayerPartition
   return jnp.sqrt(sq), jnp.sqrt(total)
 
 
+def _check_update(part: _layers.LayerPartition, state: BudgetClipState,
+                  updates: Any, params: Any) -> None:
+  """Raises unless ``params`` give the layers ``state`` was initialised for
+  and ``updates`` has the structure of ``params``."""
+  _layers.check_budget(part, "budget_clip", warn=False)
+  _layers.check_state_layers(part, state.layer_contribution.shape[0])
+  if jax.tree.structure(updates) != jax.tree.structure(params):
+    raise ValueError(
+        "updates and params must have the same tree structure; got "
+        f"{jax.tree.structure(updates)} vs {jax.tree.structure(params)}.")
+
+
 def budget_clip(
     estimator: _sensitivity.SensitivityEstimator,
     *,
-    target_kl: float = 0.05,
-    aggregate: str = "l1",
-    exact_every: int = 1,
+    target_kl: float,
+    aggregate: str,
+    exact_every: int,
     layer_labels: _layers.LayerLabelsFn | None = None,
-    include_embed_out: bool = False,
+    include_embed_out: bool,
     stacked: _layers.Stacked = None,
-    overshoot: str = "scale",
-    eps: float = 1e-12,
+    overshoot: str,
+    eps: float,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales the whole update by ``c = min(1, τ / S)``.
 
@@ -154,7 +165,7 @@ def budget_clip(
   """
   _validation.check_number("target_kl", target_kl, lo=0, lo_open=True)
   _validation.check_choice("aggregate", aggregate, AGGREGATES)
-  _validation.check_choice("overshoot", overshoot, _aggregate.OVERSHOOTS)
+  _validation.check_choice("overshoot", overshoot, formulas.OVERSHOOTS)
   _validation.check_number("exact_every", exact_every, lo=1, integer=True)
   _validation.check_number("eps", eps, lo=0, lo_open=True)
   exact = aggregate == "exact"
@@ -178,7 +189,7 @@ def budget_clip(
         sensitivity=estimator.init(num_layers),
         kl_target=kl,
         radius_factor=jnp.ones([], jnp.float32),
-        trust_radius=_logits.trust_radius(kl),
+        trust_radius=formulas.trust_radius(kl),
         surrogate=jnp.zeros([], jnp.float32),
         clip_scale=jnp.ones([], jnp.float32),
         layer_contribution=jnp.zeros([num_layers], jnp.float32),
@@ -188,72 +199,58 @@ def budget_clip(
         update_norm=jnp.zeros([], jnp.float32),
     )
 
+  def surrogate_of(state, part, params, updates, probe_batch, contributions):
+    """``(linear_change, calibration, S)`` of this step (see the docstring)."""
+    linear, calibration = state.linear_change, state.surrogate_calibration
+    if not exact:
+      return linear, calibration, formulas.budget_surrogate(contributions,
+                                                            aggregate)
+    if not beta_needed:
+      linear = estimator.linear_change(part, params, updates, probe_batch)
+      return linear, calibration, linear
+    base = formulas.budget_surrogate(contributions, "l1")
+
+    def measure(_):
+      t = estimator.linear_change(part, params, updates, probe_batch)
+      return t, formulas.exact_calibration(t, base, calibration, eps), t
+
+    def keep(_):
+      return linear, calibration, formulas.calibrated_surrogate(calibration,
+                                                                base)
+    return jax.lax.cond(
+        state.ebc_step % jnp.asarray(exact_every, jnp.int32) == 0,
+        measure, keep, None)
+
   def update(updates, state, params=None, *, batch=None, kl_target=None,
              radius_factor=None, **extra_args):
     del extra_args
     require_extra(params, batch, "budget_clip")
     part = partition(params)
-    _layers.check_budget(part, "budget_clip", warn=False)
-    num_layers = len(part.labels)
-    if state.layer_contribution.shape != (num_layers,):
-      raise ValueError(
-          f"The params give {num_layers} budgeted layers {part.labels} but the "
-          f"state was initialised for {state.layer_contribution.shape[0]}; "
-          "init and update must see params of the same structure.")
-    if jax.tree.structure(updates) != jax.tree.structure(params):
-      raise ValueError(
-          "updates and params must have the same tree structure; got "
-          f"{jax.tree.structure(updates)} vs {jax.tree.structure(params)}.")
+    _check_update(part, state, updates, params)
+    # Measure: the update's norms, β (refreshed as planned) and S.
     probe_batch = estimator.probe_batch(params, batch)
     norms, update_norm = _norms(jax.tree.leaves(updates), part)
-    sens = state.sensitivity
-    contributions = state.layer_contribution
-    linear = state.linear_change
-    calibration = state.surrogate_calibration
+    sens, contributions = state.sensitivity, state.layer_contribution
     if beta_needed:
       sens = estimator.update(sens, state.ebc_step, part, params, updates,
                               probe_batch, norms)
-      contributions = _aggregate.layer_contributions(
+      contributions = formulas.layer_contributions(
           estimator.effective_beta(sens), norms)
-    if not exact:
-      surrogate = _aggregate.budget_surrogate(contributions, aggregate)
-    elif not beta_needed:
-      linear = estimator.linear_change(part, params, updates, probe_batch)
-      surrogate = linear
-    else:
-      base = _aggregate.budget_surrogate(contributions, "l1")
-
-      def measure(_):
-        t = estimator.linear_change(part, params, updates, probe_batch)
-        k = jnp.where(base > eps, t / jnp.maximum(base, eps), calibration)
-        return t, k, t
-
-      def keep(_):
-        return linear, calibration, calibration * base
-
-      linear, calibration, surrogate = jax.lax.cond(
-          state.ebc_step % jnp.asarray(exact_every, jnp.int32) == 0,
-          measure, keep, None)
+    linear, calibration, surrogate = surrogate_of(
+        state, part, params, updates, probe_batch, contributions)
+    # The formulas: τ = sqrt(4δ)·g and c = min(1, τ/S).
     delta = jnp.asarray(target_kl if kl_target is None else kl_target,
                         jnp.float32)
     factor = jnp.asarray(1.0 if radius_factor is None else radius_factor,
                          jnp.float32)
-    radius = _logits.trust_radius(delta) * factor
-    scale = _aggregate.clip_scale(surrogate, radius, eps, overshoot)
-    new_state = state._replace(
-        ebc_step=state.ebc_step + 1,
-        kl_target=delta,
-        radius_factor=factor,
-        sensitivity=sens,
-        trust_radius=radius,
-        surrogate=surrogate,
-        clip_scale=scale,
-        layer_contribution=contributions,
+    radius = formulas.guarded_radius(delta, factor)
+    scale = formulas.clip_scale(surrogate, radius, eps, overshoot)
+    return scale_updates(updates, scale), state._replace(
+        ebc_step=state.ebc_step + 1, kl_target=delta, radius_factor=factor,
+        sensitivity=sens, trust_radius=radius, surrogate=surrogate,
+        clip_scale=scale, layer_contribution=contributions,
         clipped_steps=state.clipped_steps + (scale < 1.0).astype(jnp.int32),
-        linear_change=linear,
-        surrogate_calibration=calibration,
-        update_norm=update_norm,
-    )
-    return scale_updates(updates, scale), new_state
+        linear_change=linear, surrogate_calibration=calibration,
+        update_norm=update_norm)
 
   return optax.GradientTransformationExtraArgs(init, update)

@@ -12,11 +12,11 @@ import optax
 
 from ebc_optax import _controller
 from ebc_optax import _layers
-from ebc_optax import _logits
 from ebc_optax import _recipes
 from ebc_optax import _relative
 from ebc_optax import _transform
 from ebc_optax import _trust_region
+from ebc_optax import formulas
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,11 +27,11 @@ class EBCConfig:
   reference repository's keys (``ebc_enable`` ... ``ebc_include_embed_out``);
   the rest are ours. ``controller`` is ``"pi"``, ``"trust_region"``,
   ``"relative"`` or ``"none"``; the ``pi_*`` fields are the PI controller's
-  gains and clamp (see :func:`~ebc_optax.pi_controller`), the ``tr_*`` fields
+  gains and clamp (see :func:`~ebc_optax.controllers.pi_controller`), the ``tr_*`` fields
   the trust-region controller's thresholds, factors and clamp (see
-  :func:`~ebc_optax.trust_region_radius`), the ``rel_*`` fields the relative
+  :func:`~ebc_optax.controllers.trust_region_radius`), the ``rel_*`` fields the relative
   radius's multiple, level window, trend length and noise margin (see
-  :func:`~ebc_optax.relative_radius`).
+  :func:`~ebc_optax.controllers.relative_radius`).
   """
   enable: bool = True
   target_kl: float = _transform.DEFAULT_TARGET_KL
@@ -96,6 +96,150 @@ class EBCConfig:
     with open(path, encoding="utf-8") as f:
       return cls.from_mapping(json.load(f))
 
+  def estimator_kwargs(self) -> dict[str, Any]:
+    """This config's arguments of
+    :func:`~ebc_optax.advanced.sensitivity_estimator` (which has no defaults).
+
+    Example:
+      >>> EBCConfig(beta_ema=0.0).estimator_kwargs()["beta_ema"]
+      0.0
+    """
+    return {k: getattr(self, k) for k in (
+        "sensitivity", "update_every", "probe_layers", "full_sweep_every",
+        "beta_ema", "huber_ratio", "safety", "center_logits", "fd_step", "kl",
+        "probe_batch_size")}
+
+  def _relative(self) -> bool:
+    return self.controller == "relative"
+
+  def clip_kwargs(self) -> dict[str, Any]:
+    """This config's arguments of :func:`~ebc_optax.advanced.budget_clip`,
+    ``overshoot`` resolved as the front door does.
+
+    Example:
+      >>> EBCConfig(controller="none", target_kl=0.5).clip_kwargs()["overshoot"]
+      'scale'
+    """
+    overshoot = self.overshoot or ("skip" if self._relative() else "scale")
+    return dict(target_kl=self.target_kl, aggregate=self.aggregate,
+                exact_every=self.exact_every,
+                include_embed_out=self.include_embed_out,
+                stacked=tuple(self.stacked) if self.stacked else None,
+                overshoot=overshoot, eps=self.eps)
+
+  def probe_kwargs(self) -> dict[str, Any]:
+    """This config's arguments of :func:`~ebc_optax.advanced.kl_probe`
+    (without its controller), ``guard`` resolved as the front door does.
+
+    Example:
+      >>> EBCConfig(controller="pi").probe_kwargs()["guard"]
+      True
+    """
+    guard = (not self._relative()) if self.guard is None else self.guard
+    return dict(target_kl=self.target_kl, guard=guard,
+                probe_every=self.probe_every, eps=self.eps)
+
+  def to_kwargs(self, **callables: Any) -> dict[str, Any]:
+    """Keyword arguments of :func:`~ebc_optax.ellipsotope_budget_clip` and
+    :func:`~ebc_optax.wrap` for this config (``enable`` is not among them).
+
+    ``callables`` are the arguments that are not config values:
+    ``loss_fn``, ``layer_labels``, ``axis_name`` and ``probe_batch_fn``.
+
+    Example:
+      >>> kwargs = EBCConfig(controller="pi").to_kwargs()
+      >>> kwargs["target_kl"], kwargs["update_every"]
+      (0.05, 20)
+    """
+    return transform_kwargs(self, **callables)
+
+
+# What each knob means: the configuration guide's table is generated from
+# this and the defaults of :class:`EBCConfig` (:func:`knob_table`).
+KNOB_HELP: dict[str, str] = {
+    "enable": "`from_config` only: False gives an identity transform",
+    "target_kl": "δ* in nats/token: the PI controller's target for the "
+                 "applied KL, the trust-region radius's starting δ, or the "
+                 "fixed δ with `controller=None`; unused by the default "
+                 "relative radius",
+    "update_every": "steps between round-robin β refreshes",
+    "probe_layers": "layers refreshed per round-robin refresh",
+    "beta_ema": "EMA decay of β, in [0, 1); 0 uses each fresh estimate as is",
+    "safety": "multiplier on β (with `beta_ema=0, safety=1` β is the raw "
+              "measurement)",
+    "aggregate": "`\"l1\"`: S = Σ s_ℓ; `\"l2\"`: S = √L·(Σ s_ℓ²)^½ (a bound, "
+                 "never smaller than L1); `\"exact\"`: S = ‖J ΔW‖ of the "
+                 "whole update from one JVP",
+    "center_logits": "center per token in β, S and the probe's T (KL is "
+                     "shift-invariant anyway)",
+    "include_embed_out": "keep embedding / output-head groups in the budget",
+    "full_sweep_every": "steps between refreshes of all layers (0: only the "
+                        "first step); `\"auto\"`: 200·⌈L/8⌉ for L budgeted "
+                        "layers",
+    "sensitivity": "`\"jvp\"` (exact forward mode) or `\"fd\"` (central "
+                   "difference along the unit direction, step "
+                   "`fd_step·max(rms(W_ℓ), 0.01)`)",
+    "huber_ratio": "a fresh β is clipped to [EMA/r, r·EMA] before entering "
+                   "the EMA",
+    "fd_step": "relative finite-difference step",
+    "probe_batch_size": "rows of `batch` used for β, ‖J ΔW‖ and the probe: a "
+                        "float f in (0, 1] takes every round(1/f)-th row, an "
+                        "int n every (B // n)-th row, None all rows",
+    "kl": "metric of logit changes: `\"bound\"` = centered Euclidean "
+          "(KL ≤ S²/4); `\"fisher\"` = softmax Fisher norm (KL ≈ S²/4)",
+    "exact_every": "`aggregate=\"exact\"`: steps between ‖J ΔW‖ measurements; "
+                   "in between S = k·S_L1 with k from the last one",
+    "controller": "`\"relative\"` (δ from the trend of the recent steps; "
+                  "outliers refused), `\"pi\"` (the applied KL steered to "
+                  "`target_kl`), `\"trust_region\"` (δ by the ratio test; "
+                  "needs `loss_fn`), `\"none\"`: δ fixed at `target_kl`",
+    "guard": "shrink-only guard on the applied change; None: on with an "
+             "absolute δ, off with the relative radius",
+    "probe_every": "steps between applied-KL probes (0: never; disables the "
+                   "controller and the guard)",
+    "pi_kp": "PI controller: proportional gain",
+    "pi_ki": "PI controller: integral gain",
+    "pi_half_life": "PI controller: EMA half-life of the error, in steps",
+    "pi_delta_min": "PI controller: lower clamp on δ",
+    "pi_delta_max": "PI controller: upper clamp on δ",
+    "tr_shrink_below": "trust-region radius: δ shrinks when ρ_tr is below",
+    "tr_grow_above": "trust-region radius: δ grows when ρ_tr is above",
+    "tr_shrink_factor": "trust-region radius: factor on δ when it shrinks",
+    "tr_grow_factor": "trust-region radius: factor on δ when it grows",
+    "tr_delta_min": "trust-region radius: lower clamp on δ",
+    "tr_delta_max": "trust-region radius: upper clamp on δ",
+    "rel_multiple": "relative radius: how many times the trend's predicted "
+                    "KL a step may have",
+    "rel_window": "relative radius: steps in the level's median (and before "
+                  "the first decision)",
+    "rel_trend": "relative radius: accepted steps in the trend line",
+    "rel_z": "relative radius: noise margin in robust standard deviations",
+    "overshoot": "a step with S > τ is cut back (`\"scale\"`, c = τ/S) or "
+                 "refused (`\"skip\"`, c = 0; needs the relative radius); "
+                 "None: `\"skip\"` with the relative radius, `\"scale\"` "
+                 "otherwise",
+    "stacked": "label prefixes of layers stacked on a leading axis "
+               "(`nn.scan` / `nnx.scan`): slice i under prefix p is layer "
+               "`p/i`",
+    "eps": "floor on S and on c·S",
+}
+
+
+def knob_table() -> str:
+  """The Markdown table of every knob: argument, config key, default, meaning.
+
+  Example:
+    >>> print(knob_table().splitlines()[2])
+    | `enable` | `ebc_enable` | `True` | `from_config` only: False gives an identity transform |
+  """
+  rows = ["| argument | config key | default | meaning |", "|---|---|---|---|"]
+  for field in dataclasses.fields(EBCConfig):
+    default = json.dumps(field.default) if isinstance(field.default, str) else (
+        field.default)
+    rows.append(f"| `{field.name}` | `ebc_{field.name}` | `{default}` | "
+                f"{KNOB_HELP[field.name]} |")
+  return "\n".join(rows)
+
 
 def from_config(
     config: Mapping[str, Any] | EBCConfig,
@@ -103,7 +247,7 @@ def from_config(
     *,
     loss_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
     layer_labels: _layers.LayerLabelsFn | None = None,
-    axis_name: _logits.AxisName = None,
+    axis_name: formulas.AxisName = None,
     probe_batch_fn: Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds :func:`ellipsotope_budget_clip` from ``ebc_*`` config keys.
@@ -129,10 +273,9 @@ def from_config(
   if not cfg.enable:
     return optax.with_extra_args_support(optax.identity())
   return _transform.ellipsotope_budget_clip(
-      logits_fn, **transform_kwargs(cfg, loss_fn=loss_fn,
-                                    layer_labels=layer_labels,
-                                    axis_name=axis_name,
-                                    probe_batch_fn=probe_batch_fn))
+      logits_fn, **cfg.to_kwargs(loss_fn=loss_fn, layer_labels=layer_labels,
+                                 axis_name=axis_name,
+                                 probe_batch_fn=probe_batch_fn))
 
 
 def transform_kwargs(
@@ -140,7 +283,7 @@ def transform_kwargs(
     *,
     loss_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
     layer_labels: _layers.LayerLabelsFn | None = None,
-    axis_name: _logits.AxisName = None,
+    axis_name: formulas.AxisName = None,
     probe_batch_fn: Callable[[Any], Any] | None = None,
 ) -> dict[str, Any]:
   """Keyword arguments of :func:`ellipsotope_budget_clip` (and of

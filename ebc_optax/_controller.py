@@ -7,7 +7,7 @@ A controller is a pair of pure functions (:class:`KLController`):
   every probe step with a :class:`ProbeMeasurement` (on every step for a
   controller with ``every_step``).
 
-The δ lives in :class:`~ebc_optax.KLProbeState` (``next_kl_target``), which
+The δ lives in :class:`~ebc_optax.advanced.KLProbeState` (``next_kl_target``), which
 passes it down to the clip at every step; the controller only proposes the
 next one. Swap in your own controller by building a
 :class:`KLController` and passing it as ``controller=``.
@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from ebc_optax import _validation
+from ebc_optax import formulas
 
 
 class ProbeMeasurement(NamedTuple):
@@ -81,37 +82,6 @@ class PIControllerState(NamedTuple):
   controller_updates: jax.Array
 
 
-def pi_log_error(target_kl: jax.Array, applied_kl: jax.Array,
-                 max_log_error: float) -> jax.Array:
-  """``clip(log δ* − log max(KL, tiny), ±max_log_error)`` (float32)."""
-  tiny = jnp.finfo(jnp.float32).tiny
-  err = (jnp.log(jnp.asarray(target_kl, jnp.float32))
-         - jnp.log(jnp.maximum(jnp.asarray(applied_kl, jnp.float32), tiny)))
-  return jnp.clip(err, -max_log_error, max_log_error)
-
-
-def pi_step(log_delta: jax.Array, error: jax.Array, error_ema: jax.Array,
-            *, kp: float, ki: float, ema_decay: jax.Array,
-            log_delta_min: float, log_delta_max: float
-            ) -> tuple[jax.Array, jax.Array]:
-  """One PI step in log space: returns ``(log δ_new, ema_new)``.
-
-  ``ema_new = a·ema + (1 − a)·e``;
-  ``log δ_new = clip(log δ + k_p e + k_i ema_new, log δ_min, log δ_max)``.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> ld, ema = pi_step(jnp.float32(0.), jnp.float32(1.), jnp.float32(0.),
-    ...                   kp=0.1, ki=0.5, ema_decay=0.5, log_delta_min=-5.,
-    ...                   log_delta_max=5.)
-    >>> round(float(ld), 4), float(ema)
-    (0.35, 0.5)
-  """
-  ema = ema_decay * error_ema + (1.0 - ema_decay) * error
-  new = jnp.clip(log_delta + kp * error + ki * ema, log_delta_min, log_delta_max)
-  return new, ema
-
-
 def pi_controller(
     *,
     kp: float = 0.15,
@@ -168,18 +138,18 @@ def pi_controller(
                              controller_updates=jnp.zeros([], jnp.int32)), delta0
 
   def update(state, measurement, delta, target_kl):
-    err = pi_log_error(target_kl, measurement.applied_kl, max_log_error)
-    decay = 0.5 ** (measurement.interval / half_life)
-    log_delta, ema = pi_step(
+    err = formulas.pi_log_error(target_kl, measurement.applied_kl,
+                                max_log_error)
+    decay = formulas.half_life_decay(measurement.interval, half_life)
+    log_delta, ema = formulas.pi_step(
         jnp.log(jnp.asarray(delta, jnp.float32)), err, state.kl_error_ema,
         kp=kp, ki=ki, ema_decay=jnp.float32(decay), log_delta_min=log_min,
         log_delta_max=log_max)
-    frozen = jnp.logical_and(measurement.clip_scale >= 1.0, err > 0)
-    new_delta = jnp.where(frozen, jnp.clip(delta, delta_min, delta_max),
-                          jnp.exp(log_delta)).astype(jnp.float32)
-    new_state = PIControllerState(
-        kl_error_ema=jnp.where(frozen, state.kl_error_ema, ema).astype(jnp.float32),
-        controller_updates=state.controller_updates + 1)
-    return new_state, new_delta
+    new_delta, ema = formulas.pi_anti_windup(
+        delta, log_delta, state.kl_error_ema, ema, err, measurement.clip_scale,
+        delta_min, delta_max)
+    return PIControllerState(
+        kl_error_ema=ema,
+        controller_updates=state.controller_updates + 1), new_delta
 
   return KLController(init=init, update=update)

@@ -6,11 +6,13 @@ its own so that its norm is at most ``ratio`` times the norm of that layer's
 activation. Activation norms are not something an optimizer can see: the
 forward pass measures them and hands them to ``update`` as the keyword
 argument ``activation_norms`` (a ``{label: scalar}`` mapping). Layers are the
-groups of :func:`~ebc_optax.default_layer_labels` (or a user ``layer_labels``
+groups of :func:`~ebc_optax.layers.default_layer_labels` (or a user ``layer_labels``
 function), embedding and output groups included.
 
-The math lives in three small pure functions (:func:`activation_norm`,
-:func:`energy_ratio`, :func:`energy_scale`); :func:`energy_budget_clip` and the
+The math lives in three small pure functions of :mod:`ebc_optax.formulas`
+(:func:`~ebc_optax.formulas.activation_norm`,
+:func:`~ebc_optax.formulas.energy_ratio`,
+:func:`~ebc_optax.formulas.energy_scale`); :func:`energy_budget_clip` and the
 monitor :func:`energy_ratios` only wire them to the layers of a pytree.
 """
 
@@ -27,10 +29,7 @@ import optax
 from ebc_optax import _layers
 from ebc_optax import _sensitivity
 from ebc_optax import _validation
-
-# Smallest positive normal float32: the floor on ‖g‖ in budget / ‖g‖.
-_TINY = float(np.finfo(np.float32).tiny)
-
+from ebc_optax import formulas
 
 class EnergyBudgetClipState(NamedTuple):
   """State of :func:`energy_budget_clip`.
@@ -52,79 +51,6 @@ class EnergyBudgetClipState(NamedTuple):
   energy_ratio: jax.Array
   energy_layer_clips: jax.Array
   energy_clipped_steps: jax.Array
-
-
-# --- the math ------------------------------------------------------------------
-
-def activation_norm(x: jax.Array) -> jax.Array:
-  r"""Per-token RMS of the feature-wise L2 norm, in float32.
-
-  .. math::
-    \lVert a \rVert = \sqrt{\tfrac{1}{N} \textstyle\sum_{n} \lVert a_n \rVert_2^2}
-    = \lVert a \rVert_F / \sqrt{N}
-
-  over the ``N`` tokens (all leading axes) of ``x[..., d]``. It does not grow
-  with batch size or sequence length, like the gradient of a mean loss, and
-  it is the scale of the ``x`` in a linear layer's gradient ``δ xᵀ``, so
-  ``‖∇W‖ / ‖a‖`` is the size of the backpropagated signal.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> float(activation_norm(jnp.array([[3.0, 4.0], [0.0, 0.0]])) ** 2)  # 25 / 2
-    12.5
-  """
-  x = jnp.asarray(x, jnp.float32)
-  if x.ndim == 0:
-    return jnp.abs(x)
-  per_token = jnp.sum(jnp.square(x), axis=-1)
-  return jnp.sqrt(jnp.mean(per_token))
-
-
-def _valid_activation(a: jax.Array) -> jax.Array:
-  return jnp.isfinite(a) & (a > 0)
-
-
-def energy_ratio(grad_norm: jax.Array, act_norm: jax.Array) -> jax.Array:
-  """``‖g‖ / ‖a‖`` in float32; ``+inf`` when ``‖a‖`` is not finite and > 0.
-
-  An activation norm that is zero, negative or non-finite gives no budget to
-  measure against; reporting ``inf`` says "over any budget", which is what
-  :func:`energy_scale` does with such a layer (it zeroes it).
-
-  Example:
-    >>> float(energy_ratio(2.0, 8.0)), float(energy_ratio(2.0, 0.0))
-    (0.25, inf)
-  """
-  g = jnp.asarray(grad_norm, jnp.float32)
-  a = jnp.asarray(act_norm, jnp.float32)
-  valid = _valid_activation(a)
-  return jnp.where(valid, g / jnp.where(valid, a, 1.0), jnp.inf)
-
-
-def energy_scale(grad_norm: jax.Array, act_norm: jax.Array,
-                 ratio: float | jax.Array) -> jax.Array:
-  r"""The factor that puts a layer within its energy budget (float32).
-
-  .. math::
-    s = \min\!\big(1,\; r \lVert a \rVert / \lVert g \rVert\big)
-
-  and ``s = 1`` when ``‖g‖ = 0``. The result is always finite and in
-  ``[0, 1]``: when the budget cannot be honoured by a finite factor — ``‖a‖``
-  zero, negative or non-finite (a broken forward pass), or ``‖g‖``
-  non-finite — ``s = 0`` and the layer's update is zeroed.
-
-  Example:
-    >>> [float(energy_scale(g, 10.0, 0.1)) for g in (0.5, 2.0, 0.0)]
-    [1.0, 0.5, 1.0]
-    >>> float(energy_scale(1.0, float("inf"), 0.1))
-    0.0
-  """
-  g = jnp.asarray(grad_norm, jnp.float32)
-  a = jnp.asarray(act_norm, jnp.float32)
-  budget = jnp.asarray(ratio, jnp.float32) * jnp.where(_valid_activation(a), a, 0.0)
-  scale = jnp.minimum(1.0, budget / jnp.maximum(g, _TINY))
-  ok = _valid_activation(a) & jnp.isfinite(g)
-  return jnp.where(ok, scale, 0.0).astype(jnp.float32)
 
 
 # --- wiring to the layers of a pytree ---------------------------------------------
@@ -202,7 +128,7 @@ def energy_ratios(grads: Any, activation_norms: Mapping[str, Any], *,
     activation_norms: ``{label: scalar}``, e.g. from :func:`activation_norm`
       of each layer's input.
     layer_labels: ``params -> pytree of str``; default
-      :func:`~ebc_optax.default_layer_labels`.
+      :func:`~ebc_optax.layers.default_layer_labels`.
     stacked: label prefixes of layers stacked on axis 0, as for
       :func:`energy_budget_clip`.
 
@@ -227,7 +153,7 @@ def energy_ratios(grads: Any, activation_norms: Mapping[str, Any], *,
                                      "energy_ratios")
   _check_activation_norms(activation_norms, part.labels, "energy_ratios")
   norms, acts, _ = _layer_norms_and_activations(grads, activation_norms, part)
-  return {label: energy_ratio(norms[i], acts[i])
+  return {label: formulas.energy_ratio(norms[i], acts[i])
           for i, label in enumerate(part.labels) if label in activation_norms}
 
 
@@ -259,7 +185,7 @@ def energy_budget_clip(
   Args:
     ratio: the budget ``r`` (> 0, finite); the proposal's default is 0.1.
     layer_labels: ``params -> pytree of str`` with the structure of the
-      gradients; default :func:`~ebc_optax.default_layer_labels`. Every group
+      gradients; default :func:`~ebc_optax.layers.default_layer_labels`. Every group
       is a layer, embedding and output groups included.
     stacked: label prefixes of layers stacked on axis 0 (scanned models):
       slice ``i`` of the leaves under prefix ``p`` is layer ``"p/i"``, clipped
@@ -312,17 +238,12 @@ def energy_budget_clip(
     activation_norms = _expand_stacked(activation_norms, part, stacked,
                                        "energy_budget_clip")
     _check_activation_norms(activation_norms, part.labels, "energy_budget_clip")
-    num_layers = len(part.labels)
-    if state.energy_scale.shape != (num_layers,):
-      raise ValueError(
-          f"The updates have {num_layers} layers {part.labels} but the state "
-          f"was initialised for {state.energy_scale.shape[0]}; init and update "
-          "must see trees of the same structure.")
+    _layers.check_state_layers(part, state.energy_scale.shape[0], "updates")
     norms, acts, has = _layer_norms_and_activations(updates, activation_norms,
                                                     part)
     has = jnp.asarray(has)
-    scales = jnp.where(has, energy_scale(norms, acts, ratio), 1.0)
-    ratios = jnp.where(has, energy_ratio(norms, acts), 0.0)
+    scales = jnp.where(has, formulas.energy_scale(norms, acts, ratio), 1.0)
+    ratios = jnp.where(has, formulas.energy_ratio(norms, acts), 0.0)
     clipped = scales < 1.0
 
     leaves, treedef = jax.tree.flatten(updates)

@@ -9,7 +9,8 @@ then multiplied by ``1/ρ``. The factor is recomputed from each probe's ``ρ`` �
 shows the surrogate no longer under-estimates. When the surrogate promised
 no change (``c·S <= ε``: only leaves outside the budget moved, or nothing
 did) there is no ratio: ``ρ`` is NaN and :func:`kl_probe` keeps the factor
-it had (:func:`guard_factor` of NaN is 1, for a caller without one).
+it had (:func:`~ebc_optax.formulas.guard_factor` of NaN is 1, for a caller
+without one). The equations are in :mod:`ebc_optax.formulas`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from ebc_optax import formulas
 
 
 class GuardState(NamedTuple):
@@ -33,31 +36,9 @@ def init_guard_state() -> GuardState:
   return GuardState(guard_trips=jnp.zeros([], jnp.int32))
 
 
-def guard_ratio(applied_change: jax.Array, clip_scale: jax.Array,
-                surrogate: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """``ρ = T / (c·S)`` (float32); NaN when ``c·S <= eps`` (no denominator).
-
-  Example:
-    >>> float(guard_ratio(3.0, 0.5, 4.0)), float(guard_ratio(3.0, 1.0, 0.0))
-    (1.5, nan)
-  """
-  predicted = jnp.asarray(clip_scale, jnp.float32) * jnp.asarray(surrogate, jnp.float32)
-  ratio = jnp.asarray(applied_change, jnp.float32) / jnp.maximum(predicted, eps)
-  return jnp.where(predicted > eps, ratio, jnp.nan).astype(jnp.float32)
-
-
-def guard_factor(ratio: jax.Array) -> jax.Array:
-  """Shrink-only radius factor ``min(1, 1/ρ)``; 1 for an undefined (NaN) ``ρ``.
-
-  Example:
-    >>> float(guard_factor(2.0)), float(guard_factor(0.5)), float(guard_factor(float("nan")))
-    (0.5, 1.0, 1.0)
-  """
-  ratio = jnp.asarray(ratio, jnp.float32)
-  return jnp.where(ratio > 1.0, 1.0 / ratio, 1.0).astype(jnp.float32)
-
-
-def guard_update(state: GuardState, ratio: jax.Array) -> tuple[GuardState, jax.Array]:
-  """Returns the new guard state and the radius factor for the next steps."""
+def guard_update(state: GuardState, ratio: jax.Array, factor: jax.Array
+                 ) -> tuple[GuardState, jax.Array]:
+  """Returns the new guard state and the radius factor for the next steps
+  (``factor``, the one in use, is kept when ``ρ`` is undefined)."""
   trips = state.guard_trips + (ratio > 1.0).astype(jnp.int32)
-  return GuardState(guard_trips=trips), guard_factor(ratio)
+  return GuardState(guard_trips=trips), formulas.next_guard_factor(ratio, factor)

@@ -634,7 +634,7 @@ def check_budget(partition: LayerPartition, who: str, warn: bool = True) -> None
   hint = ("Pass layer_labels=(params -> pytree of str) to name the blocks, "
           "stacked=('<prefix>',) for layers stacked on a leading axis "
           "(nn.scan / nnx.scan), or include_embed_out=True; check the result "
-          "with ebc_optax.budget_layers(params, ...).")
+          "with ebc_optax.layers.budget_layers(params, ...).")
   if not partition.labels:
     by_shape = (f" Groups standing alone whose every leaf has the vocab size "
                 f"{list(partition.vocab_sizes)} on its first or last axis count "
@@ -651,7 +651,7 @@ def check_budget(partition: LayerPartition, who: str, warn: bool = True) -> None
         f"leaves share a leading axis of size {n}: the mark of {n} layers "
         f"stacked by nn.scan / nnx.scan. If they are, pass stacked=({group!r},) "
         "to budget one layer per slice; otherwise name the layers with "
-        "layer_labels. Check the result with ebc_optax.budget_layers(params, "
+        "layer_labels. Check the result with ebc_optax.layers.budget_layers(params, "
         "...).", stacklevel=3)
   suspects = {group for group, _ in partition.suspected_stacks}
   # One element of a sequence (a one-block model) is a deliberate layout.
@@ -760,3 +760,16 @@ def scale_leaves(leaves: Sequence[jax.Array], partition: LayerPartition,
 
 def select_leaves(leaves: Sequence[Any], indices: Sequence[int]) -> list[Any]:
   return [leaves[i] for i in indices]
+
+
+def check_state_layers(part: LayerPartition, state_layers: int,
+                       what: str = "params") -> None:
+  """Raises unless the tree gives the ``state_layers`` layers a state was
+  initialised for (``init`` and ``update`` saw trees of one structure)."""
+  num_layers = len(part.labels)
+  if state_layers != num_layers:
+    raise ValueError(
+        f"The {what} give {num_layers} budgeted layers {part.labels} but the "
+        f"state was initialised for {state_layers}; init and update must see "
+        f"{what} of the same structure.")
+

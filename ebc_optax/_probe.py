@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ebc_optax import _aggregate
 from ebc_optax import _clip
 from ebc_optax import _controller
 from ebc_optax import _guard
@@ -26,6 +25,7 @@ from ebc_optax import _logits
 from ebc_optax import _sensitivity
 from ebc_optax import _validation
 from ebc_optax import cadence
+from ebc_optax import formulas
 
 
 class KLProbeState(NamedTuple):
@@ -71,7 +71,7 @@ def measure_applied_change(
     *,
     center_logits: bool = True,
     kl: str = "bound",
-    axis_name: _logits.AxisName = None,
+    axis_name: formulas.AxisName = None,
 ) -> tuple[jax.Array, jax.Array]:
   """``(T, KL)`` of applying ``updates`` to ``params`` on ``batch``.
 
@@ -89,7 +89,7 @@ def measure_applied_change(
 
 def _measure(logits_fn: Callable[[Any, Any], jax.Array], params: Any,
              updates: Any, batch: Any, budgeted: tuple[bool, ...] | None,
-             center_logits: bool, kl: str, axis_name: _logits.AxisName
+             center_logits: bool, kl: str, axis_name: formulas.AxisName
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(T, KL, T_b)``: ``T_b`` is the change of the step restricted to the
   leaves flagged in ``budgeted`` (``T`` itself when None or all flagged)."""
@@ -135,14 +135,14 @@ def _at_points(fn: Callable[[Any, Any], Any], params: Any, updates: Any,
 
 
 def _change_and_kl(z: jax.Array, z_new: jax.Array, center_logits: bool,
-                   kl: str, axis_name: _logits.AxisName, with_kl: bool = True
+                   kl: str, axis_name: formulas.AxisName, with_kl: bool = True
                    ) -> tuple[jax.Array, jax.Array | None]:
   """``(T, KL)`` from the logits before and after the step."""
   z32 = z.astype(jnp.float32)
-  change = _logits.per_token_change_norm(
+  change = formulas.per_token_change_norm(
       z_new.astype(jnp.float32) - z32, z32, kl=kl, center=center_logits,
       axis_name=axis_name)
-  return change, (_logits.per_token_kl(z, z_new, axis_name) if with_kl
+  return change, (formulas.per_token_kl(z, z_new, axis_name) if with_kl
                   else None)
 
 
@@ -155,7 +155,7 @@ def measure_loss_change(
     *,
     center_logits: bool = True,
     kl: str = "bound",
-    axis_name: _logits.AxisName = None,
+    axis_name: formulas.AxisName = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """``(T, KL, actual, predicted)`` of applying ``updates`` on ``batch``.
 
@@ -175,7 +175,7 @@ def measure_loss_change(
 def _measure_loss(logits_fn: Callable[[Any, Any], jax.Array],
                   loss_fn: Callable[[jax.Array, Any], jax.Array], params: Any,
                   updates: Any, batch: Any, budgeted: tuple[bool, ...] | None,
-                  center_logits: bool, kl: str, axis_name: _logits.AxisName
+                  center_logits: bool, kl: str, axis_name: formulas.AxisName
                   ) -> tuple[jax.Array, ...]:
   """``(T, KL, T_b, actual, predicted)``; ``T_b`` as in :func:`_measure`."""
   _logits.check_logits(jax.eval_shape(logits_fn, params, batch), batch=batch)
@@ -208,7 +208,7 @@ def _measure_loss(logits_fn: Callable[[Any, Any], jax.Array],
     return jnp.asarray(loss_fn(logits, batch), jnp.float32)
 
   grad_z, hvp = jax.jvp(jax.grad(loss_of), (z32,), (dz,))
-  predicted = jnp.sum(grad_z * dz) + 0.5 * jnp.sum(dz * hvp)
+  predicted = formulas.quadratic_loss_change(grad_z, hvp, dz)
   actual = loss_of(z_new.astype(jnp.float32)) - loss_of(z32)
   if axis_name is not None:
     actual, predicted = jax.lax.pmean((actual, predicted), axis_name)
@@ -238,17 +238,33 @@ def check_loss_fn(loss_fn: Callable[[jax.Array, Any], jax.Array],
         f"{getattr(out, 'shape', out)!r}.")
 
 
+def _measure_probe(logits_fn: Callable[[Any, Any], jax.Array],
+                   loss_fn: Callable[[jax.Array, Any], jax.Array] | None,
+                   params: Any, applied: Any, rows: Any,
+                   budgeted: tuple[bool, ...] | None, measure: dict[str, Any]
+                   ) -> tuple[jax.Array, ...]:
+  """``(T, KL, T_b, actual, predicted)`` of the shadow-applied step
+  ``applied`` on the probe rows; the loss changes are 0 without ``loss_fn``."""
+  if loss_fn is not None:
+    return _measure_loss(logits_fn, loss_fn, params, applied, rows, budgeted,
+                         **measure)
+  change, applied_kl, budgeted_change = _measure(
+      logits_fn, params, applied, rows, budgeted, **measure)
+  loss_change = predicted = jnp.zeros([], jnp.float32)
+  return change, applied_kl, budgeted_change, loss_change, predicted
+
+
 def kl_probe(
     inner: optax.GradientTransformationExtraArgs,
     estimator: _sensitivity.SensitivityEstimator,
     *,
-    target_kl: float = 0.05,
+    target_kl: float,
     controller: _controller.KLController | None = None,
-    guard: bool = True,
-    probe_every: int = 20,
+    guard: bool,
+    probe_every: int,
     loss_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
     budgeted_leaves: Callable[[Any], tuple[bool, ...]] | None = None,
-    eps: float = 1e-12,
+    eps: float,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps a :func:`budget_clip` with the applied-KL probe, controller and guard.
 
@@ -327,76 +343,71 @@ def kl_probe(
         applied_kl=zero, applied_change=zero, budgeted_change=zero,
         predicted_change=zero, probe_count=jnp.zeros([], jnp.int32))
 
+  def probe(operand, clip_state, updates, params, batch, budgeted, delta,
+            target):
+    """One probe (the cond's true branch): measure the step at its probe
+    scale, then the guard and a probe-step controller; returns the operand
+    ``(controller state, guard state, g)`` and what the probe recorded."""
+    ctrl_state, guard_state, factor = operand
+    scale, surrogate = clip_state.clip_scale, clip_state.surrogate
+    probe_scale = formulas.probe_clip_scale(scale, surrogate,
+                                            clip_state.trust_radius, eps)
+    # Rebuild c·ΔW from the incoming updates rather than closing over the
+    # outgoing ones: the outgoing update then stays fusible into the caller's
+    # apply_updates instead of being materialised as a cond operand.
+    applied = _clip.scale_updates(updates, probe_scale)
+    rows = estimator.probe_batch(params, batch)
+    change, applied_kl, budgeted_change, loss_change, predicted = (
+        _measure_probe(logits_fn, loss_fn if needs_loss else None, params,
+                       applied, rows, budgeted, measure))
+    ratio = formulas.guard_ratio(budgeted_change, probe_scale, surrogate, eps)
+    if guard:  # an undefined ρ (NaN: nothing promised) leaves g as it is
+      guard_state, factor = _guard.guard_update(guard_state, ratio, factor)
+    new_delta = delta
+    if controller is not None and not controller.every_step:
+      ctrl_state, new_delta = controller.update(
+          ctrl_state, _controller.ProbeMeasurement(
+              applied_kl=applied_kl, applied_change=change, clip_scale=scale,
+              surrogate=surrogate, guard_ratio=ratio, interval=probe_every,
+              loss_change=loss_change, predicted_loss_change=predicted),
+          delta, target)
+    promised = formulas.promised_change(probe_scale, surrogate, eps)
+    return ((ctrl_state, guard_state, factor),
+            (jnp.asarray(new_delta, jnp.float32), applied_kl, change,
+             budgeted_change, promised, jnp.int32(1)))
+
   def update(updates, state, params=None, *, batch=None, **extra_args):
     _clip.require_extra(params, batch, "ellipsotope_budget_clip")
+    # Plan: δ and g of this step, passed down; a probe every probe_every.
     step = state.clip_state.ebc_step
     target = jnp.asarray(target_kl, jnp.float32)
     delta = target if controller is None else state.next_kl_target
-    factor = state.next_radius_factor
     new_updates, clip_state = inner.update(
         updates, state.clip_state, params, batch=batch, kl_target=delta,
-        radius_factor=factor, **extra_args)
-    scale, surrogate = clip_state.clip_scale, clip_state.surrogate
+        radius_factor=state.next_radius_factor, **extra_args)
     budgeted = None if budgeted_leaves is None else tuple(budgeted_leaves(params))
-
-    def probe(operand):
-      ctrl_state, guard_state, factor = operand
-      # A refused step is probed at the radius (what "scale" would apply), so
-      # ρ is defined on every probe with S > 0.
-      probe_scale = jnp.where(scale > 0, scale, _aggregate.clip_scale(
-          surrogate, clip_state.trust_radius, eps, "scale"))
-      # Rebuild c·ΔW from the incoming updates rather than closing over the
-      # outgoing ones: the outgoing update then stays fusible into the caller's
-      # apply_updates instead of being materialised as a cond operand.
-      applied = _clip.scale_updates(updates, probe_scale)
-      rows = estimator.probe_batch(params, batch)
-      if needs_loss:
-        change, applied_kl, budgeted_change, loss_change, predicted = (
-            _measure_loss(logits_fn, loss_fn, params, applied, rows, budgeted,
-                          **measure))
-      else:
-        change, applied_kl, budgeted_change = _measure(
-            logits_fn, params, applied, rows, budgeted, **measure)
-        loss_change = predicted = jnp.zeros([], jnp.float32)
-      ratio = _guard.guard_ratio(budgeted_change, probe_scale, surrogate, eps)
-      if guard:  # an undefined ρ (NaN: nothing promised) leaves g as it is
-        guard_state, shrink = _guard.guard_update(guard_state, ratio)
-        factor = jnp.where(jnp.isnan(ratio), factor, shrink)
-      new_delta = delta
-      if controller is not None and not controller.every_step:
-        measurement = _controller.ProbeMeasurement(
-            applied_kl=applied_kl, applied_change=change, clip_scale=scale,
-            surrogate=surrogate, guard_ratio=ratio, interval=probe_every,
-            loss_change=loss_change, predicted_loss_change=predicted)
-        ctrl_state, new_delta = controller.update(ctrl_state, measurement,
-                                                  delta, target)
-      promised = probe_scale * surrogate
-      promised = jnp.where(promised > eps, promised, 0.0).astype(jnp.float32)
-      return ((ctrl_state, guard_state, factor),
-              (jnp.asarray(new_delta, jnp.float32), applied_kl, change,
-               budgeted_change, promised, jnp.int32(1)))
-
-    def skip(operand):
-      return operand, (delta, state.applied_kl, state.applied_change,
-                       state.budgeted_change, state.predicted_change,
-                       jnp.int32(0))
-
-    operand = (state.controller_state, state.guard_state, factor)
+    # Measure and the formulas: the probe, or what the last one recorded.
     (ctrl_state, guard_state, factor), (
         new_delta, applied_kl, change, budgeted_change, promised,
-        ran) = jax.lax.cond(cadence.is_probe(step, probe_every), probe, skip,
-                            operand)
+        ran) = jax.lax.cond(
+            cadence.is_probe(step, probe_every),
+            lambda op: probe(op, clip_state, updates, params, batch, budgeted,
+                             delta, target),
+            lambda op: (op, (delta, state.applied_kl, state.applied_change,
+                             state.budgeted_change, state.predicted_change,
+                             jnp.int32(0))),
+            (state.controller_state, state.guard_state,
+             state.next_radius_factor))
     if controller is not None and controller.every_step:
-      # This step's c and S; the latest probe's KL, T and ρ (its c·S is
-      # ``promised``).
-      measurement = _controller.ProbeMeasurement(
-          applied_kl=applied_kl, applied_change=change, clip_scale=scale,
-          surrogate=surrogate,
-          guard_ratio=_guard.guard_ratio(budgeted_change, 1.0, promised, eps),
-          interval=1)
-      ctrl_state, new_delta = controller.update(ctrl_state, measurement, delta,
-                                                target)
-    return new_updates, KLProbeState(
+      # This step's c and S; the latest probe's KL, T and ρ (c·S: promised).
+      ctrl_state, new_delta = controller.update(
+          ctrl_state, _controller.ProbeMeasurement(
+              applied_kl=applied_kl, applied_change=change,
+              clip_scale=clip_state.clip_scale, surrogate=clip_state.surrogate,
+              guard_ratio=formulas.guard_ratio(budgeted_change, 1.0, promised,
+                                               eps),
+              interval=1), delta, target)
+    return new_updates, KLProbeState(  # record
         clip_state=clip_state, controller_state=ctrl_state,
         guard_state=guard_state,
         next_kl_target=(jnp.asarray(new_delta, jnp.float32)

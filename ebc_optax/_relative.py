@@ -27,7 +27,8 @@ the reference — and more than ``z`` robust standard deviations of the run's
 own step-to-step noise above it. An outlier is refused (``overshoot="skip"``,
 the default with this controller) or scaled back to the radius (``"scale"``);
 every other step passes untouched (``c = 1``). The first ``window`` steps only
-fill the buffers (``δ`` = :data:`UNSET_DELTA`, nothing clipped).
+fill the buffers (``δ`` = :data:`~ebc_optax.formulas.UNSET_DELTA`, nothing
+clipped).
 
 **Liveness** — why no sequence of steps is refused for ever, whatever the
 guard, the overshoot and the base:
@@ -65,7 +66,6 @@ refused. Pair it with a base that sets a good step by itself.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -73,15 +73,8 @@ import jax.numpy as jnp
 
 from ebc_optax import _controller
 from ebc_optax import _validation
+from ebc_optax import formulas
 
-# δ while the window fills: no clipping (τ = sqrt(4δ) ≈ 2e15).
-UNSET_DELTA = 1e30
-# The trend's slope is clamped to growth of at most ×1.5 per step in step size
-# (×2.25 in KL): faster than any start-up or warm-up (Prodigy's ×600 in 40
-# steps is ×1.17), slower than a jump.
-MAX_LOG_GROWTH = 2.0 * math.log(1.5)
-# 1.4826 · MAD estimates the standard deviation of Gaussian noise.
-_MAD_TO_SIGMA = 1.4826
 
 
 class RelativeRadiusState(NamedTuple):
@@ -106,49 +99,6 @@ class RelativeRadiusState(NamedTuple):
   trend_count: jax.Array
   outliers: jax.Array
   outlier_run: jax.Array
-
-
-def robust_trend(steps: jax.Array, values: jax.Array, at: jax.Array,
-                 max_slope: float = MAX_LOG_GROWTH
-                 ) -> tuple[jax.Array, jax.Array]:
-  """Theil–Sen line through ``(steps, values)`` read at ``at``, and the
-  robust spread of the points around it.
-
-  The slope ``b`` is the median of the pairwise slopes. The value at ``at``
-  is the median of ``values + b'·(at − steps)`` with ``b'`` the slope clamped
-  to ``[0, max_slope]`` (a decay is not extrapolated); the spread is 1.4826 ×
-  the median absolute deviation of the points from the unclamped line (a
-  standard deviation for Gaussian noise; the fit's own shape is not noise).
-  ``steps`` must be distinct.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> t = jnp.arange(6); y = 0.5 * t + jnp.array([0., 0, 0, 0, 0, 9.])
-    >>> [round(float(v), 4) for v in robust_trend(t, y, jnp.int32(6))]
-    [3.0, 0.0]
-  """
-  t = jnp.asarray(steps, jnp.float32) - jnp.asarray(at, jnp.float32)
-  y = jnp.asarray(values, jnp.float32)
-  i, j = jnp.triu_indices(t.shape[0], 1)
-  slope = jnp.median((y[j] - y[i]) / (t[j] - t[i]))
-  residual = y - slope * t
-  spread = _MAD_TO_SIGMA * jnp.median(jnp.abs(residual - jnp.median(residual)))
-  value = jnp.median(y - jnp.clip(slope, 0.0, max_slope) * t)
-  return value, spread
-
-
-def relative_threshold(trend: jax.Array, spread: jax.Array, level: jax.Array,
-                       multiple: float, z: float) -> jax.Array:
-  """``log δ = max(trend, level) + max(log multiple, z·spread)`` (float32).
-
-  Example:
-    >>> round(float(relative_threshold(1.0, 0.1, 0.5, 4.0, 4.0)), 4)
-    2.3863
-  """
-  margin = jnp.maximum(jnp.log(jnp.float32(multiple)),
-                       jnp.float32(z) * jnp.asarray(spread, jnp.float32))
-  return (jnp.maximum(jnp.asarray(trend, jnp.float32),
-                      jnp.asarray(level, jnp.float32)) + margin)
 
 
 def relative_radius(*, multiple: float = 4.0, window: int = 32,
@@ -190,24 +140,22 @@ def relative_radius(*, multiple: float = 4.0, window: int = 32,
   def init(target_kl):
     del target_kl  # no target: the recent steps set δ
     return init_tracker(RelativeRadiusState, window, trend), jnp.asarray(
-        UNSET_DELTA, jnp.float32)
+        formulas.UNSET_DELTA, jnp.float32)
 
   def update(state, measurement, delta, target_kl):
     del target_kl
-    step_kl = 0.25 * jnp.square(jnp.asarray(measurement.surrogate, jnp.float32))
+    step_kl = formulas.surrogate_kl(measurement.surrogate)
     seen = step_kl > 0
     state, log_new = observe(state, jnp.log(jnp.where(seen, step_kl, 1.0)),
                              seen, jnp.log(jnp.asarray(delta, jnp.float32)),
                              window=window, multiple=multiple, z=z)
-    new_delta = jnp.where(log_new >= LOG_UNSET, UNSET_DELTA, jnp.exp(log_new))
+    new_delta = formulas.threshold_delta(log_new)
     return state, jnp.where(seen, new_delta, delta).astype(jnp.float32)
 
   return _controller.KLController(init=init, update=update, every_step=True)
 
 
 # --- the tracker, shared with wrap's gradient-norm check ---------------------
-
-LOG_UNSET = math.log(UNSET_DELTA)
 
 
 def init_tracker(kind: type, window: int, trend: int, **extra: Any) -> Any:
@@ -242,7 +190,7 @@ def observe(state: Any, value: jax.Array, seen: jax.Array,
   outlier = jnp.logical_and(seen, value > log_threshold)
   accepted = jnp.logical_and(seen, ~outlier)
   now = state.median_steps
-  entry = jnp.minimum(value, log_threshold) if clamp_outliers else value
+  entry = formulas.level_entry(value, log_threshold, clamp_outliers)
   level_buf = jnp.where(
       seen, state.log_step_kl.at[now % window].set(entry), state.log_step_kl)
   slot = state.trend_count % trend
@@ -251,12 +199,11 @@ def observe(state: Any, value: jax.Array, seen: jax.Array,
   trend_t = jnp.where(accepted, state.trend_step.at[slot].set(now),
                       state.trend_step)
   steps = now + seen.astype(jnp.int32)
-  fitted, spread = robust_trend(trend_t, trend_y, steps)
-  filled = jnp.arange(window) < steps
-  level = jnp.nanmedian(jnp.where(filled, level_buf, jnp.nan))
-  log_new = relative_threshold(fitted, spread, level, multiple, z)
+  fitted, spread = formulas.robust_trend(trend_t, trend_y, steps)
+  level = formulas.window_level(level_buf, steps)
+  log_new = formulas.relative_threshold(fitted, spread, level, multiple, z)
   ready = window if min_fill is None else min(min_fill, window)
-  log_new = jnp.where(steps >= ready, log_new, LOG_UNSET)
+  log_new = jnp.where(steps >= ready, log_new, formulas.LOG_UNSET)
   return state._replace(
       log_step_kl=level_buf, median_steps=steps, trend_log_kl=trend_y,
       trend_step=trend_t,

@@ -26,6 +26,7 @@ from ebc_optax import _logits
 from ebc_optax import _rows
 from ebc_optax import _validation
 from ebc_optax import cadence
+from ebc_optax import formulas
 
 LogitsFn = Callable[[Any, Any], jax.Array]
 SENSITIVITY_METHODS = ("jvp", "fd")
@@ -121,7 +122,7 @@ def layer_change_fn(
   """
   idx = partition.budgeted_leaves
   sub = [param_leaves[i] for i in idx]
-  f = _logits_of(logits_fn, param_leaves, treedef, idx, batch)
+  f = logits_of(logits_fn, param_leaves, treedef, idx, batch)
   if method == "jvp":
     z, f_lin = jax.linearize(f, sub)
 
@@ -133,9 +134,9 @@ def layer_change_fn(
   return lambda direction, eps: _central_difference(f, sub, direction, eps)
 
 
-def _logits_of(logits_fn: LogitsFn, param_leaves: Sequence[jax.Array],
-               treedef: Any, indices: Sequence[int], batch: Any
-               ) -> Callable[[list[jax.Array]], jax.Array]:
+def logits_of(logits_fn: LogitsFn, param_leaves: Sequence[jax.Array],
+              treedef: Any, indices: Sequence[int], batch: Any
+              ) -> Callable[[list[jax.Array]], jax.Array]:
   """The logits as a function of the leaves ``indices`` (the rest closed over)."""
   def f(sub_leaves):
     leaves = list(param_leaves)
@@ -154,7 +155,7 @@ def _central_difference(f: Callable[[list[jax.Array]], jax.Array],
             for w, u in zip(sub, direction)]
   z_plus = f(shifted(1.0)).astype(jnp.float32)
   z_minus = f(shifted(-1.0)).astype(jnp.float32)
-  return 0.5 * (z_plus + z_minus), (z_plus - z_minus) / (2 * eps)
+  return formulas.central_difference(z_plus, z_minus, eps)
 
 
 def directional_logit_change(
@@ -182,7 +183,7 @@ def directional_logit_change(
     direction: one array per index, the (float32) direction ``U``.
     batch: the probe batch.
     method: ``"jvp"`` (exact forward mode) or ``"fd"`` (central difference
-      with step :func:`fd_epsilon`).
+      with step :func:`~ebc_optax.formulas.fd_epsilon`).
     fd_step: relative finite-difference step.
     with_primal: also return the logits at ``params`` (for ``"fd"``, the
       mean of the two evaluations, exact to ``O(h²)``).
@@ -192,71 +193,24 @@ def directional_logit_change(
     ``with_primal``, the pair ``(logits, change)``.
   """
   sub = [param_leaves[i] for i in indices]
-  f = _logits_of(logits_fn, param_leaves, treedef, indices, batch)
+  f = logits_of(logits_fn, param_leaves, treedef, indices, batch)
   if method == "jvp":
     tangents = [u.astype(w.dtype) for u, w in zip(direction, sub)]
     z, dz = jax.jvp(f, (sub,), (tangents,))
     dz = dz.astype(jnp.float32)
     return (z, dz) if with_primal else dz
-  eps = fd_epsilon(sum(jnp.sum(jnp.square(w.astype(jnp.float32))) for w in sub),
-                   sum(w.size for w in sub), fd_step)
+  eps = formulas.fd_epsilon(
+      sum(jnp.sum(jnp.square(w.astype(jnp.float32))) for w in sub),
+      sum(w.size for w in sub), fd_step)
   z, dz = _central_difference(f, sub, direction, eps)
   return (z, dz) if with_primal else dz
-
-
-FD_RMS_FLOOR = 1e-2
-
-
-def fd_epsilon(weight_sq_sum: jax.Array, size: int | jax.Array,
-               fd_step: float) -> jax.Array:
-  """Finite-difference step ``fd_step · max(rms(W_ℓ), 0.01)`` along a unit direction.
-
-  ``rms(W_ℓ) = sqrt(Σ w² / size)`` is the typical entry of the layer, so the
-  step does not grow with the layer's size: a unit direction spread over
-  ``size`` entries moves each by about ``fd_step · rms / sqrt(size)``, far
-  inside the linear regime at any width (a step ``∝ ‖W_ℓ‖`` grew with
-  ``sqrt(size)`` and under-estimated β by ~50% at width 64). The floor keeps
-  the step above float32 round-off for zero-initialised layers.
-
-  Example:
-    >>> round(float(fd_epsilon(400.0, 100, 1e-2)), 6)  # rms 2
-    0.02
-  """
-  rms = jnp.sqrt(jnp.asarray(weight_sq_sum, jnp.float32)
-                 / jnp.asarray(size, jnp.float32))
-  return fd_step * jnp.maximum(rms, FD_RMS_FLOOR)
-
-
-def robust_ema(old: jax.Array, new: jax.Array, measured: jax.Array,
-               decay: float, huber_ratio: float) -> jax.Array:
-  """Huber-clipped EMA step for a positive scale estimate.
-
-  A new estimate is first clipped to ``[old / huber_ratio, old · huber_ratio]``
-  (Huber's bounded influence, in log space, so one outlying probe moves the
-  average by a bounded factor) and then averaged:
-  ``decay · old + (1 - decay) · clipped``. The first measurement of a layer,
-  and every measurement when ``decay == 0`` (no memory to clip against), is
-  taken as is.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> float(robust_ema(jnp.float32(1.), jnp.float32(100.), True, 0.5, 4.))
-    2.5
-  """
-  old = jnp.asarray(old, jnp.float32)
-  new = jnp.asarray(new, jnp.float32)
-  use_history = jnp.logical_and(measured, decay > 0)
-  clip_ok = jnp.logical_and(use_history, old > 0)
-  clipped = jnp.where(clip_ok,
-                      jnp.clip(new, old / huber_ratio, old * huber_ratio), new)
-  return jnp.where(use_history, decay * old + (1.0 - decay) * clipped, clipped)
 
 
 class LogitMetric(NamedTuple):
   """How logit changes are measured: one spec, owned by the estimator.
 
   The β refresh, ``‖J ΔW‖``, and the applied-change probe of
-  :func:`~ebc_optax.kl_probe` all measure with it, so they cannot disagree.
+  :func:`~ebc_optax.advanced.kl_probe` all measure with it, so they cannot disagree.
   It describes the estimator it belongs to (read-only): build another
   estimator to measure differently.
 
@@ -270,9 +224,78 @@ class LogitMetric(NamedTuple):
   """
   kl: str = "bound"
   center_logits: bool = True
-  axis_name: _logits.AxisName = None
+  axis_name: formulas.AxisName = None
   probe_batch_size: _rows.ProbeBatchSize = None
   probe_batch_fn: _rows.ProbeBatchFn | None = None
+
+
+def _checked_leaves(state: SensitivityState,
+                    partition: _layers.LayerPartition, params: Any
+                    ) -> tuple[list[jax.Array], Any]:
+  """``jax.tree.flatten(params)``, once ``state`` is known to hold one β per
+  budgeted layer and every budgeted leaf to be real floating point."""
+  chex.assert_shape(state.layer_beta, (len(partition.labels),))
+  param_leaves, treedef = jax.tree.flatten(params)
+  check_float_leaves(param_leaves, partition)
+  return param_leaves, treedef
+
+
+def _fd_steps(param_leaves: Sequence[jax.Array],
+              partition: _layers.LayerPartition, sensitivity: str,
+              fd_step: float) -> jax.Array:
+  """``[L]`` FD steps, one per layer (slice), relative to its RMS entry
+  (:func:`~ebc_optax.formulas.fd_epsilon`); the JVP needs none (ones), so no
+  pass over the weights is added to its step."""
+  if sensitivity == "jvp":
+    return jnp.ones([len(partition.labels)], jnp.float32)
+  sq = _layers.per_layer_sum(_layers.leaf_sq_norms(param_leaves, partition),
+                             partition)
+  return formulas.fd_epsilon(sq, _layers.layer_sizes(param_leaves, partition),
+                             fd_step)
+
+
+def _refresh_plan(state: SensitivityState, step: jax.Array, active: jax.Array,
+                  full_sweep_every: int | str | None, update_every: int,
+                  probe_layers: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(full, n, start)``: whether this step is a full sweep (a sweep step of
+  :mod:`~ebc_optax.cadence`, or some active layer never measured), how many
+  layers it refreshes and from which one (round-robin from the cursor)."""
+  num_layers = state.layer_beta.shape[0]
+  step = jnp.asarray(step, jnp.int32)
+  unmeasured = jnp.any(jnp.logical_and(active, ~state.beta_measured))
+  full = jnp.logical_or(unmeasured, cadence.is_sweep(  # may be a tracer
+      step, cadence.sweep_interval(full_sweep_every, num_layers)))
+  round_robin = cadence.is_refresh(step, update_every)
+  k = jnp.minimum(jnp.asarray(probe_layers, jnp.int32), num_layers)
+  n = jnp.where(full, num_layers, jnp.where(round_robin, k, 0))
+  return full, n, jnp.where(full, 0, state.beta_cursor)
+
+
+def _measure_beta(change: Callable[..., tuple[jax.Array, jax.Array]],
+                  update_leaves: Sequence[jax.Array],
+                  partition: _layers.LayerPartition, weights: jax.Array,
+                  eps: jax.Array, metric: LogitMetric) -> jax.Array:
+  """One fresh ``β`` of the layer ``weights`` selects (one-hot, times
+  ``1/‖ΔW_ℓ‖``): the per-token RMS of ``J_ℓ U_ℓ`` over all replicas."""
+  z, dz = change(masked_direction(update_leaves, partition, weights), eps)
+  sq = formulas.change_sq_sum(dz, z, kl=metric.kl, center=metric.center_logits)
+  ntok = jnp.asarray(formulas.token_count(dz), jnp.float32)
+  if metric.axis_name is not None:
+    sq, ntok = jax.lax.psum((sq, ntok), metric.axis_name)
+  return formulas.beta_estimate(sq, ntok)
+
+
+def _record_beta(carry: tuple[jax.Array, jax.Array], layer: jax.Array,
+                 estimate: jax.Array, active: jax.Array, beta_ema: float,
+                 huber_ratio: float) -> tuple[jax.Array, jax.Array]:
+  """``(β, measured)`` with layer ``layer``'s entry updated by the robust EMA
+  (:func:`~ebc_optax.formulas.robust_ema`); kept as is for a zero update."""
+  beta, measured = carry
+  new = formulas.robust_ema(beta[layer], estimate, measured[layer], beta_ema,
+                            huber_ratio)
+  beta = beta.at[layer].set(jnp.where(active, new, beta[layer]))
+  measured = measured.at[layer].set(jnp.logical_or(measured[layer], active))
+  return beta, measured
 
 
 class SensitivityEstimator(NamedTuple):
@@ -299,18 +322,18 @@ class SensitivityEstimator(NamedTuple):
 def sensitivity_estimator(
     logits_fn: LogitsFn,
     *,
-    sensitivity: str = "jvp",
-    update_every: int = 20,
-    probe_layers: int = 2,
-    full_sweep_every: int | str | None = "auto",
-    beta_ema: float = 0.9,
-    huber_ratio: float = 4.0,
-    safety: float = 1.05,
-    center_logits: bool = True,
-    fd_step: float = 1e-2,
-    kl: str = "bound",
-    axis_name: _logits.AxisName = None,
-    probe_batch_size: _rows.ProbeBatchSize = None,
+    sensitivity: str,
+    update_every: int,
+    probe_layers: int,
+    full_sweep_every: int | str | None,
+    beta_ema: float,
+    huber_ratio: float,
+    safety: float,
+    center_logits: bool,
+    fd_step: float,
+    kl: str,
+    axis_name: formulas.AxisName = None,
+    probe_batch_size: _rows.ProbeBatchSize,
     probe_batch_fn: _rows.ProbeBatchFn | None = None,
 ) -> SensitivityEstimator:
   """Round-robin, EMA-smoothed estimator of per-layer sensitivities ``β_ℓ``.
@@ -342,10 +365,10 @@ def sensitivity_estimator(
     fd_step: relative finite-difference step (``sensitivity="fd"``).
     kl: metric of the logit change: ``"bound"`` (centered Euclidean, the
       seeds') or ``"fisher"`` (``sqrt(2·Var_p)``, the softmax Fisher norm at
-      the current logits); see :func:`~ebc_optax._logits.change_sq_sum`.
+      the current logits); see :func:`~ebc_optax.formulas.change_sq_sum`.
     axis_name: ``pmap``/``shard_map`` axis to all-reduce over.
     probe_batch_size: rows of ``batch`` the measurements use (β, ``‖J ΔW‖``
-      and the probe of :func:`~ebc_optax.kl_probe`): a float in ``(0, 1]``
+      and the probe of :func:`~ebc_optax.advanced.kl_probe`): a float in ``(0, 1]``
       takes every ``round(1/f)``-th row, an int ``n`` every ``R // n``-th row
       (the first ``n``), None every row; only leaves whose leading size is
       the logits' leading size ``R`` are sliced (see :mod:`ebc_optax._rows`).
@@ -363,7 +386,7 @@ def sensitivity_estimator(
   _validation.check_number("huber_ratio", huber_ratio, lo=1)
   _validation.check_number("safety", safety, lo=0, lo_open=True)
   _validation.check_number("fd_step", fd_step, lo=0, lo_open=True)
-  _validation.check_choice("kl", kl, _logits.KL_METRICS)
+  _validation.check_choice("kl", kl, formulas.KL_METRICS)
   _validation.check_probe_batch_size(probe_batch_size)
   if not callable(logits_fn):
     raise ValueError(f"logits_fn must be callable (params, batch) -> logits; got {logits_fn!r}.")
@@ -387,64 +410,37 @@ def sensitivity_estimator(
   def update(state: SensitivityState, step: jax.Array,
              partition: _layers.LayerPartition, params: Any, updates: Any,
              batch: Any, norms: jax.Array) -> SensitivityState:
-    _logits.check_logits(jax.eval_shape(logits_fn, params, batch),
-                         batch=batch)
+    _logits.check_logits(jax.eval_shape(logits_fn, params, batch), batch=batch)
     num_layers = len(partition.labels)
     if num_layers == 0:
       return state
-    chex.assert_shape(state.layer_beta, (num_layers,))
-    param_leaves, treedef = jax.tree.flatten(params)
-    check_float_leaves(param_leaves, partition)
+    param_leaves, treedef = _checked_leaves(state, partition, params)
     update_leaves = jax.tree.leaves(updates)
-    inv_norms = 1.0 / jnp.maximum(norms, jnp.finfo(jnp.float32).tiny)
-    # FD step per layer (slice), relative to its RMS entry; the JVP needs
-    # none, so no pass over the weights is added to its step.
-    eps = jnp.ones([num_layers], jnp.float32) if sensitivity == "jvp" else (
-        fd_epsilon(_layers.per_layer_sum(
-            _layers.leaf_sq_norms(param_leaves, partition), partition),
-                   _layers.layer_sizes(param_leaves, partition), fd_step))
-
-    step = jnp.asarray(step, jnp.int32)
+    inv_norms = formulas.unit_scale(norms)
+    eps = _fd_steps(param_leaves, partition, sensitivity, fd_step)
+    # Plan: which layers this step measures.
     active = norms > 0
-    unmeasured = jnp.any(jnp.logical_and(active, ~state.beta_measured))
-    full = unmeasured
-    full = jnp.logical_or(full, cadence.is_sweep(  # may be a tracer
-        step, cadence.sweep_interval(full_sweep_every, num_layers)))
-    round_robin = cadence.is_refresh(step, update_every)
-    k = jnp.minimum(jnp.asarray(probe_layers, jnp.int32), num_layers)
-    n = jnp.where(full, num_layers, jnp.where(round_robin, k, 0))
-    start = jnp.where(full, 0, state.beta_cursor)
+    full, n, start = _refresh_plan(state, step, active, full_sweep_every,
+                                   update_every, probe_layers)
     layer_ids = jnp.arange(num_layers)
 
-    def refresh(carry):
+    def refresh(carry):  # per planned layer: measure, the formulas, record
       change = layer_change_fn(logits_fn, param_leaves, treedef, partition,
                                batch, method=sensitivity, fd_step=fd_step)
 
       def body(j, carry):
-        beta, measured = carry
         layer = (start + j) % num_layers
         weights = jnp.where(layer_ids == layer, inv_norms[layer], 0.0)
-        z, dz = change(masked_direction(update_leaves, partition, weights),
-                       eps[layer])
-        sq = _logits.change_sq_sum(dz, z, kl=kl, center=center_logits)
-        ntok = jnp.asarray(_logits.token_count(dz), jnp.float32)
-        if axis_name is not None:
-          sq, ntok = jax.lax.psum((sq, ntok), axis_name)
-        estimate = jnp.sqrt(sq / ntok)
-        new = robust_ema(beta[layer], estimate, measured[layer], beta_ema,
-                         huber_ratio)
-        beta = beta.at[layer].set(jnp.where(active[layer], new, beta[layer]))
-        measured = measured.at[layer].set(
-            jnp.logical_or(measured[layer], active[layer]))
-        return beta, measured
+        estimate = _measure_beta(change, update_leaves, partition, weights,
+                                 eps[layer], metric)
+        return _record_beta(carry, layer, estimate, active[layer], beta_ema,
+                            huber_ratio)
       return jax.lax.fori_loop(0, n, body, carry)
 
-    # The loop sits under a cond: a while loop with a zero trip count is not
-    # free on CPU (~20% of a small model's step), a skipped cond nearly is;
-    # and the linearisation only runs on refresh steps.
-    beta, measured = jax.lax.cond(
-        n > 0, refresh, lambda carry: carry,
-        (state.layer_beta, state.beta_measured))
+    # Under a cond: a while loop with a zero trip count is not free on CPU
+    # (~20% of a small model's step); only refresh steps linearise.
+    beta, measured = jax.lax.cond(n > 0, refresh, lambda carry: carry,
+                                  (state.layer_beta, state.beta_measured))
     cursor = jnp.where(full, state.beta_cursor,
                        (state.beta_cursor + n) % num_layers).astype(jnp.int32)
     return SensitivityState(layer_beta=beta, beta_measured=measured,
@@ -464,11 +460,11 @@ def sensitivity_estimator(
     # rescale: the change is linear in the direction.
     direction = [update_leaves[i].astype(jnp.float32) for i in indices]
     norm = jnp.sqrt(sum(jnp.sum(jnp.square(u)) for u in direction))
-    inv = 1.0 / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny)
+    inv = formulas.unit_scale(norm)
     z, dz = directional_logit_change(
         logits_fn, param_leaves, treedef, indices, [u * inv for u in direction],
         batch, method=sensitivity, fd_step=fd_step, with_primal=True)
-    return norm * _logits.per_token_change_norm(
+    return norm * formulas.per_token_change_norm(
         dz, z, kl=kl, center=center_logits, axis_name=axis_name)
 
   return SensitivityEstimator(init=init, update=update,

@@ -28,6 +28,7 @@ from ebc_optax import _relative
 from ebc_optax import _safety
 from ebc_optax import _trust_region
 from ebc_optax import _wrap
+from ebc_optax import formulas
 
 
 def _is_variable(x: Any) -> bool:
@@ -144,7 +145,8 @@ def telemetry(state: Any) -> dict[str, jax.Array]:
     out["applied_change"] = _when(probed, probe.applied_change)
     out["budgeted_change"] = _when(probed, probe.budgeted_change)
     out["rho"] = _when(jnp.logical_and(probed, promised > 0),
-                       probe.budgeted_change / jnp.where(promised > 0, promised, 1.0))
+                       formulas.guard_ratio(probe.budgeted_change, 1.0,
+                                            promised, 0.0))
     out["probe_count"] = probe.probe_count
     if probe.guard_state is not None:
       out["guard_trips"] = probe.guard_state.guard_trips

@@ -8,11 +8,9 @@ from typing import Any
 import jax
 import optax
 
-from ebc_optax import _aggregate
 from ebc_optax import _clip
 from ebc_optax import _controller
 from ebc_optax import _layers
-from ebc_optax import _logits
 from ebc_optax import _probe
 from ebc_optax import _relative
 from ebc_optax import _rows
@@ -20,6 +18,7 @@ from ebc_optax import _safety
 from ebc_optax import _sensitivity
 from ebc_optax import _trust_region
 from ebc_optax import _validation
+from ebc_optax import formulas
 
 CONTROLLERS = (None, "pi", "trust_region", "relative")
 DEFAULT_TARGET_KL = 0.05  # δ* of the seeds' recipe
@@ -51,7 +50,7 @@ def ellipsotope_budget_clip(
     layer_labels: _layers.LayerLabelsFn | None = None,
     stacked: _layers.Stacked = None,
     overshoot: str | None = None,
-    axis_name: _logits.AxisName = None,
+    axis_name: formulas.AxisName = None,
     eps: float = 1e-12,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Ellipsotope-Budgeted Clipping: a trust region on the change of the logits.
@@ -138,20 +137,14 @@ def ellipsotope_budget_clip(
       :data:`SEEDS_RECIPE`), ``"trust_region"`` (:func:`trust_region_radius`:
       δ adapted by the ratio of actual to predicted loss decrease; needs
       ``loss_fn``), a :class:`KLController`, or None (fixed ``δ``).
-      The default was the PI controller until the peer study
-      (``benchmarks/RESULTS.md``) showed it pinning ``δ`` at its clamp: a
-      fixed logit-space step that costs quality at a well-set LR and
-      strangles schedule-free AdamW.
+      Why the relative radius is the default: the *Controllers* guide.
     guard: shrink-only guard on the applied change: ``τ`` times ``min(1,
       1/ρ)`` of the latest probe. None (the default): on with an absolute
       ``δ`` (``"pi"``, ``"trust_region"``, a fixed ``δ``), off with the
-      relative radius. There the threshold is a multiple of the surrogate's
-      own trend, so a bias of the surrogate — constant, or slowly varying
-      like a stale ``β`` — cancels, and an absolute correction only holds
-      ordinary steps below the radius: on Hugging Face Llama with a warm-up,
-      stale ``β`` put ``ρ`` at 0.7–2.5 and the guard refused 69 of 300
-      steps (``benchmarks/RESULTS.md``, *Zoo*). The probe still measures
-      ``ρ``.
+      relative radius, whose threshold is a multiple of the surrogate's own
+      trend: a bias of the surrogate (a stale ``β``) cancels there, and an
+      absolute correction would only hold ordinary steps below the radius.
+      The probe still measures ``ρ``.
     probe_every: steps between applied-KL probes (>= 0; 0 disables them, and
       with them the controller and the guard).
     loss_fn: ``(logits, batch) -> scalar mean loss`` on the probe rows, for
@@ -170,9 +163,8 @@ def ellipsotope_budget_clip(
       with ``every_step``) — and is a ``ValueError`` with any other: a fixed
       or target-steered δ that every step exceeds would refuse every step.
       None (the default): ``"skip"`` with such a controller, ``"scale"``
-      with any other (the seeds' clip). The spike suite chose it: a refused
-      burst does no damage while it lasts, a cut-back one most of an
-      unclipped burst's (``benchmarks/RESULTS.md``).
+      with any other (the seeds' clip); the *Controllers* guide has the
+      measurements behind the choice.
     axis_name: ``pmap``/``shard_map`` axis name; the JVP norms, the probe's
       KL and ``T`` are all-reduced so every replica applies the same ``c``.
       Not needed under ``jax.jit`` with a sharded batch.
@@ -226,7 +218,7 @@ def ellipsotope_budget_clip(
   if guard is None:
     guard = not relative
   _validation.check_choice("overshoot", overshoot,
-                           (None,) + _aggregate.OVERSHOOTS)
+                           (None,) + formulas.OVERSHOOTS)
   if overshoot is None:
     overshoot = "skip" if relative else "scale"
   if overshoot == "skip" and not relative:

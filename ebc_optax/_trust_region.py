@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from ebc_optax import _controller
 from ebc_optax import _validation
+from ebc_optax import formulas
 
 
 class TrustRegionState(NamedTuple):
@@ -44,50 +45,6 @@ class TrustRegionState(NamedTuple):
   tr_accepted: jax.Array
   tr_shrunk: jax.Array
   tr_grown: jax.Array
-
-
-def trust_region_ratio(loss_change: jax.Array,
-                       predicted_change: jax.Array) -> jax.Array:
-  """``ρ_tr = actual / predicted``, or ``-10`` when the model predicted no
-  decrease or either number is not finite; clipped to ``[-10, 10]``.
-
-  Example:
-    >>> float(trust_region_ratio(-0.5, -1.0))
-    0.5
-  """
-  actual = jnp.asarray(loss_change, jnp.float32)
-  pred = jnp.asarray(predicted_change, jnp.float32)
-  ok = jnp.isfinite(actual) & jnp.isfinite(pred) & (pred < 0)
-  ratio = actual / jnp.where(ok, pred, -1.0)
-  return jnp.where(ok, jnp.clip(ratio, -10.0, 10.0), -10.0)
-
-
-def trust_region_step(delta: jax.Array, ratio: jax.Array, loss_change: jax.Array,
-                      clip_scale: jax.Array, *, shrink_below: float,
-                      grow_above: float, shrink_factor: float,
-                      grow_factor: float, delta_min: float, delta_max: float,
-                      clip_active: float = 0.999
-                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The ratio test: returns ``(δ_new, shrunk, grown)``.
-
-  Shrink (``δ·shrink_factor``) when ``ρ < shrink_below`` or the loss rose;
-  grow (``δ·grow_factor``) when ``ρ > grow_above``, the loss fell and the clip
-  was active (``c < clip_active``: an unclipped step says nothing about a
-  larger radius); clamp to ``[delta_min, delta_max]``.
-
-  The shrink is on ``δ``, not on the step taken (Nocedal & Wright's
-  Algorithm 4.1 sets the radius to ``¼‖p_k‖``): with one noisy mini-batch per
-  evaluation, shrinking to a fraction of an unclipped step collapsed ``δ`` on
-  the tests' small problem (``test_adaptive_radius_ends_near_the_best_fixed_delta``
-  failed by a wide margin) and did not visibly change the study's ×4 / ×8 runs.
-  """
-  actual = jnp.asarray(loss_change, jnp.float32)
-  rose = ~(jnp.isfinite(actual) & (actual <= 0))
-  shrunk = (ratio < shrink_below) | rose
-  grown = (~shrunk) & (ratio > grow_above) & (clip_scale < clip_active)
-  factor = jnp.where(shrunk, shrink_factor, jnp.where(grown, grow_factor, 1.0))
-  new = jnp.clip(jnp.asarray(delta, jnp.float32) * factor, delta_min, delta_max)
-  return new.astype(jnp.float32), shrunk, grown
 
 
 def trust_region_radius(
@@ -145,9 +102,9 @@ def trust_region_radius(
 
   def update(state, measurement, delta, target_kl):
     del target_kl  # only the start
-    ratio = trust_region_ratio(measurement.loss_change,
-                               measurement.predicted_loss_change)
-    new, shrunk, grown = trust_region_step(
+    ratio = formulas.trust_region_ratio(measurement.loss_change,
+                                        measurement.predicted_loss_change)
+    new, shrunk, grown = formulas.trust_region_step(
         delta, ratio, measurement.loss_change, measurement.clip_scale,
         shrink_below=shrink_below, grow_above=grow_above,
         shrink_factor=shrink_factor, grow_factor=grow_factor,

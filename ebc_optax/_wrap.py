@@ -14,6 +14,7 @@ from ebc_optax import _relative
 from ebc_optax import _safety
 from ebc_optax import _transform
 from ebc_optax import _validation
+from ebc_optax import formulas
 
 
 # The gradient-norm check: the relative radius's rule on log ‖g‖², with its
@@ -223,20 +224,24 @@ def wrap(
     if max_consecutive_errors is not None:
       apply = jnp.logical_or(
           finite, state.notfinite_count >= max_consecutive_errors)
-    grad_state, grad_outlier = state.grad_state, jnp.array(False)
-    if grad_state is not None:  # the batch itself: its gradient's size
-      grad_state, grad_outlier = _check_gradient(
-          grad_state, grads, finite, grad_norm_multiple, axis_name)
-    loss_state, loss_outlier = state.loss_state, jnp.array(False)
-    if loss_state is not None and extra_args.get("loss") is not None:
-      loss_state, loss_outlier = _check_loss(
-          loss_state, extra_args["loss"], finite, loss_multiple, axis_name)
-    grad_outlier = jnp.logical_or(grad_outlier, loss_outlier)
+    grad_state, loss_state, grad_outlier = _check_batch(
+        state, grads, extra_args.get("loss"), finite, grad_norm_multiple,
+        loss_multiple, axis_name)
 
     def step(_):
       u, base_state = base.update(grads, state.base_state, params, **extra_args)
       u, ebc_state = ebc.update(u, state.ebc_state, params, **extra_args)
       u, after_state = post.update(u, state.after_state, params, **extra_args)
+      # A batch outlier never reaches the parameters nor the base's state;
+      # EBC still saw its step, so its own outlier test runs alongside (a
+      # lasting change is let through by whichever test escalates last, not
+      # by one after the other). Selected inside the branch, where XLA fuses
+      # the select with the base's own update of its moments.
+      keep = jnp.logical_or(grad_outlier, _refused(ebc_state)) if (
+          skip_refused) else grad_outlier
+      base_state, after_state = select_state(
+          keep, (state.base_state, state.after_state), (base_state, after_state))
+      u = jax.tree.map(lambda x: jnp.where(grad_outlier, jnp.zeros_like(x), x), u)
       return u, (base_state, ebc_state, after_state)
 
     def skip(_):
@@ -246,28 +251,16 @@ def wrap(
     updates, (base_state, ebc_state, after_state) = jax.lax.cond(
         apply, step, skip, None)
     refused = jnp.logical_and(apply, _refused(ebc_state))
-    # A gradient outlier never reaches the parameters nor the base's state;
-    # EBC still saw its step, so its own outlier test runs alongside (a
-    # lasting change is let through by whichever test escalates last, not
-    # by one after the other).
-    keep_base = jnp.logical_or(grad_outlier, refused) if skip_refused else (
-        grad_outlier)
-    base_state, after_state = _select(
-        keep_base, (state.base_state, state.after_state),
-        (base_state, after_state))
-    updates = jax.tree.map(
-        lambda u: jnp.where(grad_outlier, jnp.zeros_like(u), u), updates)
-    bad = (~finite).astype(jnp.int32)
+    notfinite_count, total_notfinite = _runs(
+        ~finite, state.notfinite_count, state.total_notfinite)
+    refused_count, total_refused = _runs(
+        refused, state.refused_count, state.total_refused)
     return updates, WrapState(
         base_state=base_state, ebc_state=ebc_state, after_state=after_state,
-        notfinite_count=jnp.where(finite, 0, state.notfinite_count + 1
-                                  ).astype(jnp.int32),
-        last_finite=finite,
-        total_notfinite=state.total_notfinite + bad,
-        refused_count=jnp.where(refused, state.refused_count + 1, 0
-                                ).astype(jnp.int32),
-        total_refused=state.total_refused + refused.astype(jnp.int32),
-        grad_state=grad_state, loss_state=loss_state)
+        notfinite_count=notfinite_count, last_finite=finite,
+        total_notfinite=total_notfinite, refused_count=refused_count,
+        total_refused=total_refused, grad_state=grad_state,
+        loss_state=loss_state)
 
   return optax.GradientTransformationExtraArgs(init, update)
 
@@ -276,7 +269,32 @@ def _tracker() -> Any:
   """An empty batch check (:class:`~ebc_optax._relative.GradientOutlierState`)."""
   return _relative.init_tracker(
       _relative.GradientOutlierState, _GRAD_WINDOW, _GRAD_TREND,
-      log_threshold=jnp.float32(_relative.LOG_UNSET))
+      log_threshold=jnp.float32(formulas.LOG_UNSET))
+
+
+def _runs(event: jax.Array, run: jax.Array, total: jax.Array
+          ) -> tuple[jax.Array, jax.Array]:
+  """``(consecutive, total)`` counts of ``event`` after this step."""
+  event = jnp.asarray(event)
+  return (jnp.where(event, run + 1, 0).astype(jnp.int32),
+          (total + event.astype(jnp.int32)).astype(jnp.int32))
+
+
+def _check_batch(state: WrapState, grads: Any, loss: Any, finite: jax.Array,
+                 grad_multiple: float | None, loss_multiple: float | None,
+                 axis_name: Any) -> tuple[Any, Any, jax.Array]:
+  """The batch itself, before the base sees it: its gradient's size and, when
+  given, its loss, each against its own trend. Returns the two checks' new
+  states and whether either refuses the batch."""
+  grad_state, grad_outlier = state.grad_state, jnp.array(False)
+  if grad_state is not None:
+    grad_state, grad_outlier = _check_gradient(
+        grad_state, grads, finite, grad_multiple, axis_name)
+  loss_state, loss_outlier = state.loss_state, jnp.array(False)
+  if loss_state is not None and loss is not None:
+    loss_state, loss_outlier = _check_loss(
+        loss_state, loss, finite, loss_multiple, axis_name)
+  return grad_state, loss_state, jnp.logical_or(grad_outlier, loss_outlier)
 
 
 def _check_gradient(state: Any, grads: Any, finite: jax.Array,
@@ -330,7 +348,7 @@ def _refused(ebc_state: Any) -> jax.Array:
   return jnp.logical_and(clip.clip_scale <= 0, clip.surrogate > 0)
 
 
-def _select(keep_old: jax.Array, old: Any, new: Any) -> Any:
+def select_state(keep_old: jax.Array, old: Any, new: Any) -> Any:
   """The floating-point leaves of ``old`` where ``keep_old``, else of ``new``;
   integer leaves (step counters) always from ``new``.
 

@@ -32,8 +32,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-# full_sweep_every="auto": a full sweep every SWEEP_EVERY steps per
-# SWEEP_LAYERS budgeted layers, so its amortised cost does not grow with depth.
+__all__ = ("SWEEP_EVERY", "SWEEP_LAYERS", "is_probe", "is_refresh", "is_sweep",
+           "kinds_in_interval", "measures", "step_kind", "sweep_interval")
+
+#: full_sweep_every="auto": a full sweep every SWEEP_EVERY steps per
+#: SWEEP_LAYERS budgeted layers, so its amortised cost does not grow with depth.
 SWEEP_EVERY = 200
 SWEEP_LAYERS = 8
 

@@ -36,17 +36,17 @@ contribs = st.lists(st.floats(0.0, 100.0, allow_nan=False, width=32),
 @given(s=contribs)
 def test_budget_surrogate_l1_matches_numpy(s):
   s64 = np.asarray(s, np.float64)
-  got = float(ebc_optax.budget_surrogate(jnp.asarray(s, jnp.float32), "l1"))
+  got = float(ebc_optax.formulas.budget_surrogate(jnp.asarray(s, jnp.float32), "l1"))
   np.testing.assert_allclose(got, s64.sum(), rtol=1e-6, atol=1e-6)
   # l1 is the default.
-  assert float(ebc_optax.budget_surrogate(jnp.asarray(s, jnp.float32))) == got
+  assert float(ebc_optax.formulas.budget_surrogate(jnp.asarray(s, jnp.float32))) == got
 
 
 @SETTINGS
 @given(s=contribs)
 def test_budget_surrogate_l2_matches_numpy_and_dominates_l1(s):
   s64 = np.asarray(s, np.float64)
-  got = float(ebc_optax.budget_surrogate(jnp.asarray(s, jnp.float32), "l2"))
+  got = float(ebc_optax.formulas.budget_surrogate(jnp.asarray(s, jnp.float32), "l2"))
   want = np.sqrt(len(s)) * np.sqrt(np.sum(s64**2))
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   # Cauchy-Schwarz: sqrt(L) * ||s||_2 >= ||s||_1.
@@ -55,23 +55,23 @@ def test_budget_surrogate_l2_matches_numpy_and_dominates_l1(s):
 
 def test_budget_surrogate_explicit_values():
   s = jnp.array([3.0, 4.0])
-  assert float(ebc_optax.budget_surrogate(s, "l1")) == pytest.approx(7.0)
-  assert float(ebc_optax.budget_surrogate(s, "l2")) == pytest.approx(
+  assert float(ebc_optax.formulas.budget_surrogate(s, "l1")) == pytest.approx(7.0)
+  assert float(ebc_optax.formulas.budget_surrogate(s, "l2")) == pytest.approx(
       np.sqrt(2.0) * 5.0, rel=1e-6)
   # Equal contributions: the two surrogates agree (L * s).
   eq = jnp.full((4,), 2.5)
-  assert float(ebc_optax.budget_surrogate(eq, "l1")) == pytest.approx(10.0)
-  assert float(ebc_optax.budget_surrogate(eq, "l2")) == pytest.approx(10.0, rel=1e-6)
+  assert float(ebc_optax.formulas.budget_surrogate(eq, "l1")) == pytest.approx(10.0)
+  assert float(ebc_optax.formulas.budget_surrogate(eq, "l2")) == pytest.approx(10.0, rel=1e-6)
   # A single layer: both are that layer's contribution.
   one = jnp.array([1.75])
-  assert float(ebc_optax.budget_surrogate(one, "l1")) == pytest.approx(1.75)
-  assert float(ebc_optax.budget_surrogate(one, "l2")) == pytest.approx(1.75)
-  assert ebc_optax.budget_surrogate(s, "l2").dtype == jnp.float32
+  assert float(ebc_optax.formulas.budget_surrogate(one, "l1")) == pytest.approx(1.75)
+  assert float(ebc_optax.formulas.budget_surrogate(one, "l2")) == pytest.approx(1.75)
+  assert ebc_optax.formulas.budget_surrogate(s, "l2").dtype == jnp.float32
 
 
 def test_budget_surrogate_rejects_unknown_aggregate():
   with pytest.raises(ValueError, match="aggregate"):
-    ebc_optax.budget_surrogate(jnp.ones(3), "linf")
+    ebc_optax.formulas.budget_surrogate(jnp.ones(3), "linf")
 
 
 @SETTINGS
@@ -79,7 +79,7 @@ def test_budget_surrogate_rejects_unknown_aggregate():
        seed=st.integers(0, 2**31 - 1))
 def test_layer_contributions_is_elementwise_product(beta, seed):
   norms = np.random.default_rng(seed).uniform(0.0, 5.0, len(beta))
-  got = np.asarray(ebc_optax.layer_contributions(jnp.asarray(beta),
+  got = np.asarray(ebc_optax.formulas.layer_contributions(jnp.asarray(beta),
                                                  jnp.asarray(norms)))
   assert got.dtype == np.float32
   np.testing.assert_allclose(got, np.asarray(beta) * norms, rtol=1e-6,
@@ -100,7 +100,7 @@ def test_layer_contributions_is_elementwise_product(beta, seed):
     (3.0, 0.0, 0.0),        # zero radius -> zero step
 ])
 def test_clip_scale_cases(surrogate, radius, expected):
-  got = float(ebc_optax.clip_scale(surrogate, radius))
+  got = float(ebc_optax.formulas.clip_scale(surrogate, radius))
   assert got == pytest.approx(expected, rel=1e-6)
 
 
@@ -113,26 +113,26 @@ def test_clip_scale_cases(surrogate, radius, expected):
 ])
 def test_clip_scale_skip_refuses_what_is_beyond_the_radius(surrogate, radius,
                                                            expected):
-  got = float(ebc_optax.clip_scale(surrogate, radius, overshoot="skip"))
+  got = float(ebc_optax.formulas.clip_scale(surrogate, radius, overshoot="skip"))
   assert got == expected
   with pytest.raises(ValueError, match="overshoot"):
-    ebc_optax.clip_scale(surrogate, radius, overshoot="drop")
+    ebc_optax.formulas.clip_scale(surrogate, radius, overshoot="drop")
 
 
 def test_clip_scale_eps_floor():
   # S below the floor is replaced by eps: c = min(1, tau / eps).
-  assert float(ebc_optax.clip_scale(0.0, 1e-14, eps=1e-12)) == pytest.approx(
+  assert float(ebc_optax.formulas.clip_scale(0.0, 1e-14, eps=1e-12)) == pytest.approx(
       1e-2, rel=1e-5)
-  assert float(ebc_optax.clip_scale(1e-20, 1e-14, eps=1e-12)) == pytest.approx(
+  assert float(ebc_optax.formulas.clip_scale(1e-20, 1e-14, eps=1e-12)) == pytest.approx(
       1e-2, rel=1e-5)
   # Above the floor eps is irrelevant.
-  assert float(ebc_optax.clip_scale(2.0, 1.0, eps=1e-3)) == pytest.approx(0.5)
+  assert float(ebc_optax.formulas.clip_scale(2.0, 1.0, eps=1e-3)) == pytest.approx(0.5)
 
 
 @SETTINGS
 @given(s=st.floats(1e-6, 1e6), tau=st.floats(1e-6, 1e6))
 def test_clip_scale_property(s, tau):
-  c = float(ebc_optax.clip_scale(s, tau))
+  c = float(ebc_optax.formulas.clip_scale(s, tau))
   np.testing.assert_allclose(c, min(1.0, tau / s), rtol=1e-5)
   assert 0.0 < c <= 1.0
   # After scaling, the surrogate is within the radius.
@@ -141,7 +141,7 @@ def test_clip_scale_property(s, tau):
 
 def test_clip_scale_vectorised():
   s = jnp.array([0.5, 2.0, 8.0])
-  np.testing.assert_allclose(np.asarray(ebc_optax.clip_scale(s, 2.0)),
+  np.testing.assert_allclose(np.asarray(ebc_optax.formulas.clip_scale(s, 2.0)),
                              [1.0, 1.0, 0.25], rtol=1e-6)
 
 
@@ -185,16 +185,16 @@ def test_surrogates_bound_true_linearised_change(width, num_blocks, vocab, seed,
                  / np.sqrt(n_tokens))
 
   # s_l = beta_l * ||dW_l|| through the library.
-  s = ebc_optax.layer_contributions(jnp.asarray(betas, jnp.float32),
+  s = ebc_optax.formulas.layer_contributions(jnp.asarray(betas, jnp.float32),
                                     jnp.asarray(norms, jnp.float32))
   np.testing.assert_allclose(np.asarray(s), contributions, rtol=1e-5, atol=1e-12)
-  l1 = float(ebc_optax.budget_surrogate(s, "l1"))
-  l2 = float(ebc_optax.budget_surrogate(s, "l2"))
+  l1 = float(ebc_optax.formulas.budget_surrogate(s, "l1"))
+  l2 = float(ebc_optax.formulas.budget_surrogate(s, "l2"))
   assert l1 >= true_change * (1 - 1e-5), (l1, true_change)
   assert l2 >= true_change * (1 - 1e-5), (l2, true_change)
   assert l2 >= l1 * (1 - 1e-6)
   # The per-token library norm of the total change is the same number.
-  rms = float(ebc_optax.per_token_rms_norm(
+  rms = float(ebc_optax.formulas.per_token_rms_norm(
       jnp.asarray(total.reshape(n_tokens, vocab), jnp.float32)))
   np.testing.assert_allclose(rms, true_change, rtol=1e-4, atol=1e-9)
 
@@ -209,8 +209,8 @@ def test_l2_without_sqrt_num_layers_is_not_a_bound():
   s = jnp.asarray([s_one, s_one], jnp.float32)
   naive_l2 = float(jnp.sqrt(jnp.sum(jnp.square(s))))  # sqrt(2) s_one
   assert naive_l2 < true_change * 0.8  # fails to bound (by a factor sqrt 2)
-  l2 = float(ebc_optax.budget_surrogate(s, "l2"))
-  l1 = float(ebc_optax.budget_surrogate(s, "l1"))
+  l2 = float(ebc_optax.formulas.budget_surrogate(s, "l2"))
+  l1 = float(ebc_optax.formulas.budget_surrogate(s, "l1"))
   assert l2 >= true_change * (1 - 1e-6)
   assert l1 >= true_change * (1 - 1e-6)
   # With identical contributions the bound is tight.

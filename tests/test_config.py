@@ -89,41 +89,25 @@ def test_the_front_door_and_the_controllers_default_to_ebc_config():
   assert {k: front[k] for k in shared} == {k: cfg[k] for k in shared}
   assert front["target_kl"] is None  # None: the default below
   assert cfg["target_kl"] == ebc_optax._transform.DEFAULT_TARGET_KL
-  for prefix, fn in (("rel_", ebc_optax.relative_radius),
-                     ("pi_", ebc_optax.pi_controller),
-                     ("tr_", ebc_optax.trust_region_radius)):
+  for prefix, fn in (("rel_", ebc_optax.controllers.relative_radius),
+                     ("pi_", ebc_optax.controllers.pi_controller),
+                     ("tr_", ebc_optax.controllers.trust_region_radius)):
     mine = {k[len(prefix):]: v for k, v in cfg.items() if k.startswith(prefix)}
     got = _defaults(fn)
     assert {k: got[k] for k in mine} == mine, prefix
 
 
-def test_the_readme_knob_table_shows_the_config_defaults():
-  import re
-  readme = (CONFIGS.parent / "README.md").read_text()
-  table = readme.split("## Knobs", 1)[1].split("\n\n", 3)[2]
-  cfg = dataclasses.asdict(ebc_optax.EBCConfig())
-  seen = set()
-  for row in table.splitlines()[2:]:
+def test_the_knob_table_is_every_config_field_with_its_default():
+  """The configuration guide's table is generated from ``EBCConfig``: every
+  field has a meaning, and every row shows the field's default."""
+  from ebc_optax import _config
+  fields = dataclasses.fields(ebc_optax.EBCConfig)
+  assert set(_config.KNOB_HELP) == {f.name for f in fields}
+  rows = _config.knob_table().splitlines()[2:]
+  assert len(rows) == len(fields)
+  for row, field in zip(rows, fields):
     cells = [c.strip() for c in row.strip("|").split(" | ")]
-    names = re.findall(r"`([a-z_]+)", cells[0])
-    grouped = re.match(r"`(\w+)\(([^)]*)\)` \(`ebc_(\w+)\*`\)", cells[0])
-    if grouped:  # a controller's row: its arguments, their defaults in order
-      prefix = grouped.group(3)
-      args = [a.strip() for a in grouped.group(2).split(",")]
-      values = [v.strip() for v in cells[1].split(",")]
-      for arg, value in zip(args, values, strict=True):
-        assert float(value) == cfg[prefix + arg], (prefix + arg, value)
-        seen.add(prefix + arg)
-      continue
-    name = names[0] if names and names[0] in cfg else None
-    if name is None:
-      continue
-    value = cells[1].strip("`")
-    want = cfg[name]
-    if isinstance(want, str) or want is None or isinstance(want, bool):
-      assert value.strip('"') == str(want), (name, value)
-    else:
-      assert float(value) == float(want), (name, value)
-    seen.add(name)
-  missing = sorted(set(cfg) - seen - {"enable"})
-  assert not missing, f"knobs missing from the README's table: {missing}"
+    assert cells[0] == f"`{field.name}`" and cells[1] == f"`ebc_{field.name}`"
+    assert cells[2].strip("`").strip('"') == str(field.default), cells
+  guide = (CONFIGS.parent / "docs" / "guides" / "configuration.md").read_text()
+  assert "_generated/knobs.md" in guide

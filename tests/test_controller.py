@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import ebc_optax
-from ebc_optax import _controller
+from ebc_optax import formulas
 from conftest import next_token_loss, tiny_batch, tiny_logits_fn, tiny_params
 
 
@@ -21,28 +21,28 @@ def test_pi_step_matches_reference():
     err = float(rng.normal())
     ema = 0.8 * ema + 0.2 * err
     log_delta = min(max(log_delta + 0.15 * err + 0.02 * ema, -2.0), 1.0)
-    ld, e = _controller.pi_step(ld, jnp.float32(err), e, kp=0.15, ki=0.02,
+    ld, e = formulas.pi_step(ld, jnp.float32(err), e, kp=0.15, ki=0.02,
                                 ema_decay=jnp.float32(0.8), log_delta_min=-2.0,
                                 log_delta_max=1.0)
     np.testing.assert_allclose([ld, e], [log_delta, ema], rtol=1e-5, atol=1e-6)
 
 
 def test_log_error_is_clipped_and_safe_at_zero_kl():
-  err = _controller.pi_log_error(0.05, 0.0, math.log(10.0))
+  err = formulas.pi_log_error(0.05, 0.0, math.log(10.0))
   np.testing.assert_allclose(err, math.log(10.0), rtol=1e-6)
-  np.testing.assert_allclose(_controller.pi_log_error(0.05, 0.1, 5.0),
+  np.testing.assert_allclose(formulas.pi_log_error(0.05, 0.1, 5.0),
                              math.log(0.5), rtol=1e-6)
 
 
 def _measurement(kl, c):
-  return ebc_optax.ProbeMeasurement(
+  return ebc_optax.controllers.ProbeMeasurement(
       applied_kl=jnp.float32(kl), applied_change=jnp.float32(1.0),
       clip_scale=jnp.float32(c), surrogate=jnp.float32(1.0),
       guard_ratio=jnp.float32(1.0), interval=20)
 
 
 def test_pi_controller_direction_clamp_and_antiwindup():
-  ctrl = ebc_optax.pi_controller(delta_min=0.01, delta_max=0.3)
+  ctrl = ebc_optax.controllers.pi_controller(delta_min=0.01, delta_max=0.3)
   state, delta = ctrl.init(jnp.float32(0.05))
   assert float(delta) == pytest.approx(0.05)
   _, up = ctrl.update(state, _measurement(0.01, 0.5), delta, jnp.float32(0.05))
@@ -82,7 +82,7 @@ def _tracking(controller, target=1e-3, steps=200):
 
 
 def test_pi_controller_tracks_applied_kl_within_30_percent():
-  ratio = _tracking(ebc_optax.pi_controller(delta_min=1e-4, delta_max=1.0))
+  ratio = _tracking(ebc_optax.controllers.pi_controller(delta_min=1e-4, delta_max=1.0))
   assert abs(np.median(ratio) - 1) < 0.3
   assert np.mean(np.abs(ratio - 1) < 0.3) > 0.5
   # Without the controller the bound KL ≤ ¼‖dz‖² is loose: far below target.

@@ -12,12 +12,12 @@ import pytest
 from conftest import tiny_batch, tiny_params
 from ebc_optax import _energy
 from ebc_optax import _layers
-from ebc_optax._energy import activation_norm
 from ebc_optax._energy import energy_budget_clip
-from ebc_optax._energy import energy_ratio
 from ebc_optax._energy import energy_ratios
-from ebc_optax._energy import energy_scale
 from ebc_optax._energy import EnergyBudgetClipState
+from ebc_optax.formulas import activation_norm
+from ebc_optax.formulas import energy_ratio
+from ebc_optax.formulas import energy_scale
 
 # Flatten order (dict keys sorted): the order of the per-layer state arrays.
 LABELS = ("blocks/0", "blocks/1", "embed", "lm_head")

@@ -67,12 +67,12 @@ def test_params_are_a_plain_dict_with_block_paths():
 @pytest.mark.parametrize("positions", ["rope", "learned"])
 def test_ebc_default_grouping(positions):
   _, params = tiny_gpt(positions)
-  assert ebc_optax.budget_layers(params) == ("blocks/0", "blocks/1")
-  labels = set(jax.tree.leaves(ebc_optax.default_layer_labels(params)))
+  assert ebc_optax.layers.budget_layers(params) == ("blocks/0", "blocks/1")
+  labels = set(jax.tree.leaves(ebc_optax.layers.default_layer_labels(params)))
   groups = {"tok_embed", "lm_head"} | ({"pos_embed"} if positions == "learned" else set())
   assert labels == {"blocks/0", "blocks/1"} | groups
-  assert all(ebc_optax.is_embed_or_output(g) for g in groups)
-  assert set(ebc_optax.budget_layers(params, include_embed_out=True)) == labels
+  assert all(ebc_optax.layers.is_embed_or_output(g) for g in groups)
+  assert set(ebc_optax.layers.budget_layers(params, include_embed_out=True)) == labels
 
 
 def test_jit_compiles_once_and_rope_takes_shorter_sequences():
@@ -149,8 +149,8 @@ def test_adam_with_ebc_reduces_loss_under_jit():
 
 def test_mlp_shapes_labels_and_training():
   apply_fn, params = M.init_mlp(jax.random.PRNGKey(0), 2, 2, hidden=(16, 16))
-  assert ebc_optax.budget_layers(params) == ("blocks/0", "blocks/1")
-  assert ebc_optax.is_embed_or_output("head")
+  assert ebc_optax.layers.budget_layers(params) == ("blocks/0", "blocks/1")
+  assert ebc_optax.layers.is_embed_or_output("head")
   x = jax.random.normal(jax.random.PRNGKey(1), (64, 2))
   y = (x[:, 0] + x[:, 1] > 0).astype(jnp.int32)
   logits = apply_fn(params, x)
@@ -233,7 +233,7 @@ def test_gpt_activation_norms_come_from_the_same_forward_pass(positions):
   logits, norms = jax.jit(fns.apply_with_activations)(fns.params, x)
   np.testing.assert_allclose(logits, jax.jit(fns.apply_fn)(fns.params, x), atol=1e-6)
   # Labels are exactly the default layer labels of the params.
-  assert set(norms) == set(jax.tree.leaves(ebc_optax.default_layer_labels(fns.params)))
+  assert set(norms) == set(jax.tree.leaves(ebc_optax.layers.default_layer_labels(fns.params)))
   assert all(v.shape == () and v.dtype == jnp.float32 for v in norms.values())
   # Brute force: run the modules by hand and take the documented activations.
   h = model.tok_embed(x)

@@ -18,6 +18,8 @@ from ebc_optax.experiments import config as config_lib
 from ebc_optax.experiments import optim
 from ebc_optax.experiments import spikes
 from ebc_optax.experiments import study
+from ebc_optax.experiments import study_design
+from ebc_optax.experiments import study_stats
 from ebc_optax.experiments import sweeps
 from ebc_optax.experiments import train as train_lib
 
@@ -217,7 +219,7 @@ def test_paired_differences_and_seeds_per_cell():
           for a, x, s, v in [("adam", 1.0, 0, 2.0), ("adam", 1.0, 1, 1.0),
                              ("b", 1.0, 0, 2.5), ("b", 1.0, 1, 1.1),
                              ("b", 8.0, 0, float("nan"))]]
-  got = study.paired_differences(rows, "adam")
+  got = study_stats.paired_differences(rows, "adam")
   mean, sd, n = got[("b", 1.0)]
   assert (mean, n) == (pytest.approx(0.3), 2)
   assert sd == pytest.approx(np.std([0.5, 0.1], ddof=1))
@@ -272,7 +274,7 @@ def _spike_base():
 
 def test_spike_suite_measures_jumps_resumes_and_runs_in_parallel(tmp_path,
                                                                  monkeypatch):
-  monkeypatch.setattr(study, "BURST_EVAL_OFFSETS", (0, 1, 2, 4))
+  monkeypatch.setattr(study_design, "BURST_EVAL_OFFSETS", (0, 1, 2, 4))
   out = tmp_path / "spikes"
   kw = dict(base=_spike_base(), arms=("adam", "ebc_adam"), kinds=("repeat", "lr"),
             seeds=(0,), tune_lrs=(3e-3,), tune_extensions=0, progress=False)

@@ -239,7 +239,7 @@ LAYOUTS = {
 def test_blocks_are_found_and_embeddings_left_out(name):
   build, stacked = LAYOUTS[name]
   params, _, want = build()
-  assert ebc_optax.budget_layers(params, stacked=stacked) == want
+  assert ebc_optax.layers.budget_layers(params, stacked=stacked) == want
 
 
 def test_equinox_paths_are_getattr_keys():
@@ -257,7 +257,7 @@ def test_excluded_groups_found_at_depth():
 
 def test_linen_scan_without_stacked_is_one_layer_for_the_whole_stack():
   params, _, _ = linen_scanned()
-  assert ebc_optax.budget_layers(params) == ("params/LayerNorm_0",
+  assert ebc_optax.layers.budget_layers(params) == ("params/LayerNorm_0",
                                              "params/ScanBlock_0")
 
 
@@ -292,14 +292,14 @@ def test_stacked_leaves_that_disagree_are_an_error_naming_paths_and_sizes():
                        "g": jnp.ones(())}}
   with pytest.raises(ValueError, match=r"blocks/b: 3.*blocks/g: a scalar.*"
                      r"blocks/w: 4"):
-    ebc_optax.budget_layers(params, stacked=("blocks",))
+    ebc_optax.layers.budget_layers(params, stacked=("blocks",))
 
 
 @pytest.mark.parametrize("bad", [("block",), ("",), (3,)])
 def test_unknown_or_malformed_stacked_prefix_is_an_error(bad):
   params, _, _ = linen_scanned()
   with pytest.raises(ValueError, match="stacked"):
-    ebc_optax.budget_layers(params, stacked=bad)
+    ebc_optax.layers.budget_layers(params, stacked=bad)
 
 
 def test_stacked_matches_user_labels_too():
@@ -310,7 +310,7 @@ def test_stacked_matches_user_labels_too():
         lambda path, _: "stack/" + _layers.path_str(path[2:]) if
         _layers.key_name(path[1]) == "ScanBlock_0" else "other", p)
 
-  assert ebc_optax.budget_layers(params, labels, stacked="stack") == (
+  assert ebc_optax.layers.budget_layers(params, labels, stacked="stack") == (
       "other", "stack/0", "stack/1", "stack/2")
 
 
@@ -320,8 +320,8 @@ def test_default_labels_cut_at_a_stacked_prefix_at_depth():
                                  "mlp": {"w": jnp.ones((5, D))}},
                       "norm": jnp.ones(D)},
             "lm_head": jnp.ones((D, V))}
-  assert ebc_optax.budget_layers(params) == ("model",)  # embed inside: one group
-  assert ebc_optax.budget_layers(params, stacked=["model/layers"]) == tuple(
+  assert ebc_optax.layers.budget_layers(params) == ("model",)  # embed inside: one group
+  assert ebc_optax.layers.budget_layers(params, stacked=["model/layers"]) == tuple(
       f"model/layers/{i}" for i in range(5)) + ("model/norm",)
 
 
@@ -462,9 +462,11 @@ def test_stacked_beta_matches_jacfwd_on_a_slice(layer):
       {k: v[layer] for k, v in grads["blocks"].items()})[0], np.float64)
   dz = (jac @ (u / np.linalg.norm(u))).reshape(batch.size, V)
   want = np.sqrt(np.sum(np_center(dz) ** 2) / batch.size)
-  tx = ebc_optax.budget_clip(
-      ebc_optax.sensitivity_estimator(stacked_logits_fn, beta_ema=0.0, safety=1.0),
-      stacked="blocks")
+  tx = ebc_optax.advanced.budget_clip(
+      ebc_optax.advanced.sensitivity_estimator(
+          stacked_logits_fn, **ebc_optax.EBCConfig(
+              beta_ema=0.0, safety=1.0, probe_batch_size=None).estimator_kwargs()),
+      **ebc_optax.EBCConfig(controller="none", stacked=("blocks",)).clip_kwargs())
   state = tx.init(params)
   _, state = tx.update(grads, state, params, batch=batch)
   got = np.asarray(state.sensitivity.layer_beta)
@@ -491,7 +493,7 @@ def test_stacked_energy_clip_is_per_slice(tiny):
   with pytest.raises(ValueError, match=r"shape \(3,\)"):
     tx_s.update(stacked_twin(grads), tx_s.init(stacked_twin(params)),
                 activation_norms={"blocks": acts[:2]})
-  ratios = ebc_optax.energy_ratios(stacked_twin(grads), {"blocks": acts},
+  ratios = ebc_optax.advanced.energy_ratios(stacked_twin(grads), {"blocks": acts},
                                    stacked="blocks")
   assert sorted(ratios) == ["blocks/0", "blocks/1", "blocks/2"]
 

@@ -14,17 +14,17 @@ from conftest import next_token_loss, tiny_logits_fn
 @given(t=st.floats(0, 1e3), c=st.floats(1e-3, 1), s=st.floats(1e-3, 1e3))
 def test_ratio_and_factor_against_reference(t, c, s):
   """ρ = T/(c·S) and g = min(1, 1/ρ); c·S >= 1e-6 here, so ρ is defined."""
-  rho = float(ebc_optax.guard_ratio(t, c, s))
+  rho = float(ebc_optax.formulas.guard_ratio(t, c, s))
   assert rho == pytest.approx(t / (c * s), rel=1e-5, abs=1e-30)
-  g = float(ebc_optax.guard_factor(rho))
+  g = float(ebc_optax.formulas.guard_factor(rho))
   assert g <= 1.0
   assert g == pytest.approx(1.0 if rho <= 1 else 1.0 / rho, rel=1e-6)
 
 
 def test_no_ratio_without_a_denominator():
-  assert np.isnan(float(ebc_optax.guard_ratio(1.0, 1.0, 0.0)))
-  assert np.isnan(float(ebc_optax.guard_ratio(1.0, 0.0, 5.0)))
-  assert float(ebc_optax.guard_factor(float("nan"))) == 1.0
+  assert np.isnan(float(ebc_optax.formulas.guard_ratio(1.0, 1.0, 0.0)))
+  assert np.isnan(float(ebc_optax.formulas.guard_ratio(1.0, 0.0, 5.0)))
+  assert float(ebc_optax.formulas.guard_factor(float("nan"))) == 1.0
 
 
 def _step(tiny, safety, steps=2):

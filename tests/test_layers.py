@@ -27,7 +27,7 @@ def test_default_labels_nested_dict_with_list_of_blocks():
       "final_norm": {"scale": _a()},
       "lm_head": {"kernel": _a()},
   }
-  labels = ebc_optax.default_layer_labels(params)
+  labels = ebc_optax.layers.default_layer_labels(params)
   assert labels == {
       "embed": "embed",
       "blocks": [{"attn": {"q": "blocks/0", "k": "blocks/0"},
@@ -43,7 +43,7 @@ def test_default_labels_tuple_of_blocks():
   params = {"layers": ({"w": _a(), "b": _a()}, {"w": _a(), "b": _a()},
                        {"w": _a(), "b": _a()}),
             "head": _a()}
-  labels = ebc_optax.default_layer_labels(params)
+  labels = ebc_optax.layers.default_layer_labels(params)
   assert labels == {"layers": ({"w": "layers/0", "b": "layers/0"},
                                {"w": "layers/1", "b": "layers/1"},
                                {"w": "layers/2", "b": "layers/2"}),
@@ -52,7 +52,7 @@ def test_default_labels_tuple_of_blocks():
 
 def test_default_labels_list_of_bare_arrays():
   params = {"blocks": [_a(), _a(), _a()], "embed": _a()}
-  assert ebc_optax.default_layer_labels(params) == {
+  assert ebc_optax.layers.default_layer_labels(params) == {
       "blocks": ["blocks/0", "blocks/1", "blocks/2"], "embed": "embed"}
 
 
@@ -64,40 +64,40 @@ def test_default_labels_int_keyed_dicts_as_in_flax_nnx():
                  2: {"linear": {"kernel": _a(), "bias": _a()}}},
       "lm_head": {"kernel": _a()},
   }
-  labels = ebc_optax.default_layer_labels(params)
+  labels = ebc_optax.layers.default_layer_labels(params)
   for i in range(3):
     assert labels["blocks"][i] == {"linear": {"kernel": f"blocks/{i}",
                                               "bias": f"blocks/{i}"}}
   assert labels["embed"] == {"embedding": "embed"}
   assert labels["lm_head"] == {"kernel": "lm_head"}
-  assert ebc_optax.budget_layers(params) == ("blocks/0", "blocks/1", "blocks/2")
+  assert ebc_optax.layers.budget_layers(params) == ("blocks/0", "blocks/1", "blocks/2")
 
 
 def test_default_labels_digit_string_keys():
   params = {"h": {"0": {"w": _a()}, "1": {"w": _a()}}, "wte": _a()}
-  labels = ebc_optax.default_layer_labels(params)
+  labels = ebc_optax.layers.default_layer_labels(params)
   assert labels == {"h": {"0": {"w": "h/0"}, "1": {"w": "h/1"}}, "wte": "wte"}
-  assert ebc_optax.budget_layers(params) == ("h/0", "h/1")
+  assert ebc_optax.layers.budget_layers(params) == ("h/0", "h/1")
 
 
 def test_default_labels_non_index_second_component_is_not_split():
   # Named sub-modules are one layer: only sequence indices split a group.
   params = {"encoder": {"attn": {"w": _a()}, "mlp": {"w": _a()}},
             "mixed": {"a1": _a(), "x": _a()}}
-  assert ebc_optax.default_layer_labels(params) == {
+  assert ebc_optax.layers.default_layer_labels(params) == {
       "encoder": {"attn": {"w": "encoder"}, "mlp": {"w": "encoder"}},
       "mixed": {"a1": "mixed", "x": "mixed"}}
 
 
 def test_default_labels_top_level_leaf_and_bare_array():
-  assert ebc_optax.default_layer_labels({"w": _a(), "b": _a()}) == {
+  assert ebc_optax.layers.default_layer_labels({"w": _a(), "b": _a()}) == {
       "w": "w", "b": "b"}
-  assert ebc_optax.default_layer_labels(_a()) == "params"
+  assert ebc_optax.layers.default_layer_labels(_a()) == "params"
 
 
 def test_default_labels_conftest_model():
   params = tiny_params(jax.random.PRNGKey(0), num_blocks=3)
-  labels = ebc_optax.default_layer_labels(params)
+  labels = ebc_optax.layers.default_layer_labels(params)
   assert jax.tree.structure(labels) == jax.tree.structure(params)
   assert labels["embed"] == "embed"
   assert labels["lm_head"] == "lm_head"
@@ -129,7 +129,7 @@ def test_default_labels_conftest_model():
     ("model/norm", False), ("output", True), ("params/ScanBlock_0/2", False),
 ])
 def test_is_embed_or_output_table(name, expected):
-  assert ebc_optax.is_embed_or_output(name) is expected
+  assert ebc_optax.layers.is_embed_or_output(name) is expected
 
 
 # ---------------------------------------------------------------------------
@@ -187,8 +187,8 @@ def test_partition_layers_include_embed_out():
 def test_budget_layers_include_embed_out_flag():
   params = {"tok_embed": _a(), "blocks": [_a(), _a()], "ln_f": _a(),
             "lm_head": _a(), "wpe": _a()}
-  assert ebc_optax.budget_layers(params) == ("blocks/0", "blocks/1", "ln_f")
-  assert ebc_optax.budget_layers(params, include_embed_out=True) == (
+  assert ebc_optax.layers.budget_layers(params) == ("blocks/0", "blocks/1", "ln_f")
+  assert ebc_optax.layers.budget_layers(params, include_embed_out=True) == (
       "blocks/0", "blocks/1", "lm_head", "ln_f", "tok_embed", "wpe")
   assert _layers.partition_layers(params).excluded_labels == (
       "lm_head", "tok_embed", "wpe")
@@ -212,8 +212,8 @@ def test_custom_layer_labels_function():
   assert [leaves[i].shape for i in part.leaf_indices[0]] == [(6,)] * 3
   assert [leaves[i].shape for i in part.leaf_indices[1]] == [(6, 6)] * 3
   assert part.leaf_indices[2] == (6,)
-  assert ebc_optax.budget_layers(params, by_kind) == part.labels
-  assert ebc_optax.budget_layers(params, by_kind, include_embed_out=True) == (
+  assert ebc_optax.layers.budget_layers(params, by_kind) == part.labels
+  assert ebc_optax.layers.budget_layers(params, by_kind, include_embed_out=True) == (
       "biases", "weights", "input_table", "lm_head")
 
 
@@ -237,7 +237,7 @@ def test_wrong_label_structure_raises(bad_labels):
   with pytest.raises(ValueError, match="structure"):
     _layers.partition_layers(params, layer_labels=bad_labels)
   with pytest.raises(ValueError, match="structure"):
-    ebc_optax.budget_layers(params, bad_labels)
+    ebc_optax.layers.budget_layers(params, bad_labels)
 
 
 @pytest.mark.parametrize("bad_leaf", [3, 1.5, b"blocks", ("a",)])

@@ -112,7 +112,7 @@ def test_linen_auto_named_head_is_left_out_by_its_vocab_size():
   params = linen_auto()
   assert set(params["params"]) == {"Embed_0", "Block_0", "Block_1",
                                    "LayerNorm_0", "Dense_0"}
-  assert ebc_optax.budget_layers(params) == (
+  assert ebc_optax.layers.budget_layers(params) == (
       "params/Block_0", "params/Block_1", "params/LayerNorm_0")
   part = _layers.partition_layers(params)
   assert part.excluded_labels == ("params/Dense_0", "params/Embed_0")
@@ -123,7 +123,7 @@ def test_linen_auto_named_head_is_left_out_by_its_vocab_size():
 def test_linen_decoder_nested_under_a_parent_module():
   params = LinenParent().init(jax.random.PRNGKey(0), _tokens(), jnp.ones((1, 3)))
   assert set(params["params"]) == {"decoder", "proj"}
-  assert ebc_optax.budget_layers(params) == (
+  assert ebc_optax.layers.budget_layers(params) == (
       "params/decoder/Block_0", "params/decoder/Block_1",
       "params/decoder/LayerNorm_0", "params/proj")
   assert _layers.partition_layers(params).excluded_labels == (
@@ -133,7 +133,7 @@ def test_linen_decoder_nested_under_a_parent_module():
 
 def test_linen_variables_beside_a_step_counter():
   params = {"model": linen_auto(), "step": jnp.int32(0)}
-  assert ebc_optax.budget_layers(params) == (
+  assert ebc_optax.layers.budget_layers(params) == (
       "model/params/Block_0", "model/params/Block_1", "model/params/LayerNorm_0")
   part = _layers.partition_layers(params)
   assert part.leaf_layers[-1] is None  # the counter, last in flatten order
@@ -143,7 +143,7 @@ def test_linen_variables_beside_a_step_counter():
 
 def test_linen_explicit_names():
   params = LinenNamed().init(jax.random.PRNGKey(0), _tokens())
-  assert ebc_optax.budget_layers(params) == (
+  assert ebc_optax.layers.budget_layers(params) == (
       "params/blocks_0", "params/blocks_1", "params/ln_f")
   assert_no_warning(params)
 
@@ -151,7 +151,7 @@ def test_linen_explicit_names():
 def test_linen_scan_warns_without_stacked_and_is_per_slice_with_it():
   params = LinenScanned().init(jax.random.PRNGKey(0), _tokens())
   assert "ScanBlock_0" in params["params"]
-  assert ebc_optax.budget_layers(params) == ("params/LayerNorm_0",
+  assert ebc_optax.layers.budget_layers(params) == ("params/LayerNorm_0",
                                              "params/ScanBlock_0")
   messages = init_warnings(params)
   assert len(messages) == 1
@@ -159,7 +159,7 @@ def test_linen_scan_warns_without_stacked_and_is_per_slice_with_it():
   assert f"size {BLOCKS}" in messages[0]
   assert "stacked=('params/ScanBlock_0',)" in messages[0]
   stacked = ("params/ScanBlock_0",)
-  assert ebc_optax.budget_layers(params, stacked=stacked) == (
+  assert ebc_optax.layers.budget_layers(params, stacked=stacked) == (
       "params/LayerNorm_0", "params/ScanBlock_0/0", "params/ScanBlock_0/1")
   assert_no_warning(params, stacked=stacked)
 
@@ -200,7 +200,7 @@ def nnx_params(scan, everything=False):
 @pytest.mark.parametrize("everything", [False, True])
 def test_nnx_list_blocks(everything):
   params = nnx_params(scan=False, everything=everything)
-  assert ebc_optax.budget_layers(params) == ("blocks/0", "blocks/1", "ln_f")
+  assert ebc_optax.layers.budget_layers(params) == ("blocks/0", "blocks/1", "ln_f")
   assert_no_warning(params)
 
 
@@ -218,10 +218,10 @@ def test_nnx_rng_state_is_outside_the_budget():
 @pytest.mark.parametrize("everything", [False, True])
 def test_nnx_vmap_stack_warns_without_stacked(everything):
   params = nnx_params(scan=True, everything=everything)
-  assert ebc_optax.budget_layers(params) == ("blocks", "ln_f")
+  assert ebc_optax.layers.budget_layers(params) == ("blocks", "ln_f")
   messages = init_warnings(params)
   assert len(messages) == 1 and "stacked=('blocks',)" in messages[0]
-  assert ebc_optax.budget_layers(params, stacked=("blocks",)) == (
+  assert ebc_optax.layers.budget_layers(params, stacked=("blocks",)) == (
       "blocks/0", "blocks/1", "ln_f")
   assert_no_warning(params, stacked=("blocks",))
 
@@ -260,7 +260,7 @@ class EqxDecoder(eqx.Module):
 
 def test_equinox_decoder():
   params = eqx.filter(EqxDecoder(jax.random.PRNGKey(0)), eqx.is_array)
-  assert ebc_optax.budget_layers(params) == ("blocks/0", "blocks/1", "norm")
+  assert ebc_optax.layers.budget_layers(params) == ("blocks/0", "blocks/1", "norm")
   assert _layers.partition_layers(params).excluded_labels == (
       "embedding", "linear")
   assert_no_warning(params)
@@ -274,7 +274,7 @@ def test_hugging_face_gpt2():
   model = transformers.FlaxGPT2LMHeadModel(transformers.GPT2Config(
       vocab_size=V, n_positions=16, n_embd=D, n_layer=BLOCKS, n_head=2), seed=0)
   params = model.params
-  assert ebc_optax.budget_layers(params) == (
+  assert ebc_optax.layers.budget_layers(params) == (
       "transformer/h/0", "transformer/h/1", "transformer/ln_f")
   assert _layers.partition_layers(params).excluded_labels == (
       "transformer/wpe", "transformer/wte")
@@ -288,7 +288,7 @@ def test_hugging_face_llama():
       num_hidden_layers=BLOCKS, num_attention_heads=2, num_key_value_heads=2,
       max_position_embeddings=16, tie_word_embeddings=False), seed=0)
   params = model.params
-  assert ebc_optax.budget_layers(params) == (
+  assert ebc_optax.layers.budget_layers(params) == (
       "model/layers/0", "model/layers/1", "model/norm")
   assert _layers.partition_layers(params).excluded_labels == (
       "lm_head", "model/embed_tokens")
@@ -322,7 +322,7 @@ def test_vocab_sized_group_on_its_own_is_left_out():
   part = _layers.partition_layers(params)
   assert part.labels == ("params/Block_0", "params/Block_1", "params/LayerNorm_0")
   assert part.excluded_labels == ("params/Dense_0", "params/Embed_0")
-  assert ebc_optax.budget_layers(params, include_embed_out=True) == (
+  assert ebc_optax.layers.budget_layers(params, include_embed_out=True) == (
       "params/Block_0", "params/Block_1", "params/Dense_0", "params/Embed_0",
       "params/LayerNorm_0")
 
@@ -341,7 +341,7 @@ def test_blocks_are_never_left_out_by_shape():
   blocks = [{"w": _a(D, V), "b": _a(V)} for _ in range(2)]
   params = {"embed": _a(V, D), "blocks": blocks,
             "h_0": {"mlp": {"w": _a(V, D)}}, "h_1": {"mlp": {"w": _a(V, D)}}}
-  assert ebc_optax.budget_layers(params) == ("blocks/0", "blocks/1", "h_0", "h_1")
+  assert ebc_optax.layers.budget_layers(params) == ("blocks/0", "blocks/1", "h_0", "h_1")
 
 
 def test_numbered_bare_layers_are_not_blocks():
@@ -356,7 +356,7 @@ def test_numbered_bare_layers_are_not_blocks():
 
 def test_stacked_group_is_never_left_out_by_shape():
   params = {"embed": _a(V, D), "blocks": {"w": _a(3, D, V), "b": _a(3, V)}}
-  assert ebc_optax.budget_layers(params, stacked="blocks") == (
+  assert ebc_optax.layers.budget_layers(params, stacked="blocks") == (
       "blocks/0", "blocks/1", "blocks/2")
 
 
@@ -372,7 +372,7 @@ def test_vocab_size_comes_from_token_tables_only():
 
 def test_square_embedding_gives_no_vocab_size():
   params = {"embed": _a(D, D), "blocks": [_a(D), _a(D)], "norm": _a(D)}
-  assert ebc_optax.budget_layers(params) == ("blocks/0", "blocks/1", "norm")
+  assert ebc_optax.layers.budget_layers(params) == ("blocks/0", "blocks/1", "norm")
 
 
 def test_explicit_vocab_size():
@@ -380,18 +380,18 @@ def test_explicit_vocab_size():
   # name): vocab_size says it.
   params = {"table": _a(V, D), "blocks": [_a(D), _a(D)],
             "proj": {"kernel": _a(D, V), "bias": _a(V)}}
-  assert ebc_optax.budget_layers(params) == ("blocks/0", "blocks/1", "proj",
+  assert ebc_optax.layers.budget_layers(params) == ("blocks/0", "blocks/1", "proj",
                                              "table")
-  assert ebc_optax.budget_layers(params, vocab_size=V) == ("blocks/0", "blocks/1")
+  assert ebc_optax.layers.budget_layers(params, vocab_size=V) == ("blocks/0", "blocks/1")
   # An explicit size replaces the inferred one.
   linen = {"params": _linen_tree()}
-  assert "params/Dense_0" in ebc_optax.budget_layers(linen, vocab_size=V + 1)
+  assert "params/Dense_0" in ebc_optax.layers.budget_layers(linen, vocab_size=V + 1)
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, "32", True])
 def test_bad_vocab_size_is_an_error(bad):
   with pytest.raises(ValueError, match="vocab_size"):
-    ebc_optax.budget_layers({"w": _a(2)}, vocab_size=bad)
+    ebc_optax.layers.budget_layers({"w": _a(2)}, vocab_size=bad)
 
 
 def test_no_layer_left_names_the_vocab_rule():
@@ -404,7 +404,7 @@ def test_no_layer_left_names_the_vocab_rule():
 def test_custom_labels_without_a_token_table_name_keep_their_groups():
   params = {"embed": _a(V, D), "blocks": [_a(D), _a(D)], "lm_head": _a(D, V)}
   labels = {"embed": "input_table", "blocks": ["b0", "b1"], "lm_head": "out"}
-  assert ebc_optax.budget_layers(params, lambda p: labels) == (
+  assert ebc_optax.layers.budget_layers(params, lambda p: labels) == (
       "b0", "b1", "input_table")
 
 
@@ -412,18 +412,18 @@ def test_custom_labels_without_a_token_table_name_keep_their_groups():
 
 def test_numbered_siblings_nested_under_a_parent():
   params = {"params": {"decoder": _linen_tree(), "proj": {"kernel": _a(3, D)}}}
-  labels = ebc_optax.default_layer_labels(params)["params"]
+  labels = ebc_optax.layers.default_layer_labels(params)["params"]
   assert labels["decoder"]["Block_1"]["Dense_1"]["kernel"] == "params/decoder/Block_1"
   assert labels["decoder"]["Embed_0"]["embedding"] == "params/decoder/Embed_0"
   assert labels["proj"]["kernel"] == "params/proj"
-  assert ebc_optax.budget_layers(params) == (
+  assert ebc_optax.layers.budget_layers(params) == (
       "params/decoder/Block_0", "params/decoder/Block_1",
       "params/decoder/LayerNorm_0", "params/proj")
 
 
 def test_numbered_siblings_beside_a_counter():
   params = {"model": {"params": _linen_tree()}, "step": jnp.int32(3)}
-  assert ebc_optax.budget_layers(params) == (
+  assert ebc_optax.layers.budget_layers(params) == (
       "model/params/Block_0", "model/params/Block_1",
       "model/params/LayerNorm_0")
 
@@ -432,15 +432,15 @@ def test_only_the_first_sequence_on_a_path_splits():
   # Dense_0 / Dense_1 inside a block are a numbered pair too, but the block
   # is already an element: it stays one layer.
   params = {"Block_0": _block(), "Block_1": _block()}
-  assert ebc_optax.budget_layers(params) == ("Block_0", "Block_1")
+  assert ebc_optax.layers.budget_layers(params) == ("Block_0", "Block_1")
   # Numbered layers of bare leaves at depth are one module's layers, not
   # blocks; numbered modules of modules are blocks.
   params = {"encoder": {"Dense_0": {"w": _a(D)}, "Dense_1": {"w": _a(D)}},
             "x": _a(D)}
-  assert ebc_optax.budget_layers(params) == ("encoder", "x")
+  assert ebc_optax.layers.budget_layers(params) == ("encoder", "x")
   params = {"encoder": {"Layer_0": {"Dense_0": {"w": _a(D)}},
                         "Layer_1": {"Dense_0": {"w": _a(D)}}}, "x": _a(D)}
-  assert ebc_optax.budget_layers(params) == ("encoder/Layer_0",
+  assert ebc_optax.layers.budget_layers(params) == ("encoder/Layer_0",
                                              "encoder/Layer_1", "x")
 
 
@@ -451,10 +451,10 @@ def test_numbered_modules_inside_a_stack_are_not_blocks():
   params = {"params": {"Embed_0": {"embedding": _a(V, D)},
                        "ScanBlock_0": {"MHA_0": attn, "MHA_1": attn,
                                        "Dense_0": {"kernel": _a(2, D, D)}}}}
-  assert ebc_optax.budget_layers(params) == ("params/ScanBlock_0",)
+  assert ebc_optax.layers.budget_layers(params) == ("params/ScanBlock_0",)
   assert _layers.partition_layers(params).suspected_stacks == (
       ("params/ScanBlock_0", 2),)
-  assert ebc_optax.budget_layers(params, stacked="params/ScanBlock_0") == (
+  assert ebc_optax.layers.budget_layers(params, stacked="params/ScanBlock_0") == (
       "params/ScanBlock_0/0", "params/ScanBlock_0/1")
 
 
@@ -466,9 +466,9 @@ def test_numbered_modules_inside_a_stack_are_not_blocks():
 ])
 def test_not_a_numbered_sequence(names):
   params = {"model": {n: {"mlp": {"w": _a(D)}} for n in names}, "ln": _a(D)}
-  assert ebc_optax.budget_layers(params) == ("ln", "model")
+  assert ebc_optax.layers.budget_layers(params) == ("ln", "model")
   params["model"] = {f"Block_{i}": {"mlp": {"w": _a(D)}} for i in range(2)}
-  assert ebc_optax.budget_layers(params) == ("ln", "model/Block_0",
+  assert ebc_optax.layers.budget_layers(params) == ("ln", "model/Block_0",
                                              "model/Block_1")
 
 
@@ -499,7 +499,7 @@ def test_integer_leaves_are_outside_the_budget():
 def test_integer_leaves_do_not_count_as_groups_for_the_one_layer_warning():
   params = {"model": {"embed": _a(V, D), "w": _a(D, D), "b": _a(D)},
             "step": jnp.int32(0), "rng_count": jnp.uint32(0)}
-  assert ebc_optax.budget_layers(params) == ("model",)
+  assert ebc_optax.layers.budget_layers(params) == ("model",)
   assert_no_warning(params)
 
 

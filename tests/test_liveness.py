@@ -24,14 +24,14 @@ SETTINGS = hypothesis.settings(max_examples=40, deadline=None,
 def _simulate(log_sizes, overshoot="skip"):
   """Steps of size ``exp(log_sizes)`` (the surrogate S) through the default
   relative radius and the clip: ``(c, δ used)`` per step."""
-  ctrl = ebc_optax.relative_radius()
+  ctrl = ebc_optax.controllers.relative_radius()
   state, delta = ctrl.init(jnp.float32(0.05))
 
   def step(carry, log_s):
     state, delta = carry
     s = jnp.exp(log_s)
-    c = ebc_optax.clip_scale(s, ebc_optax.trust_radius(delta), 1e-12, overshoot)
-    m = ebc_optax.ProbeMeasurement(
+    c = ebc_optax.formulas.clip_scale(s, ebc_optax.formulas.trust_radius(delta), 1e-12, overshoot)
+    m = ebc_optax.controllers.ProbeMeasurement(
         applied_kl=0.0, applied_change=0.0, clip_scale=c, surrogate=s,
         guard_ratio=jnp.nan, interval=1)
     state, new_delta = ctrl.update(state, m, delta, jnp.float32(0.05))

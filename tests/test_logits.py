@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import ebc_optax
 from ebc_optax import _logits
+from ebc_optax import formulas
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -75,7 +76,7 @@ def np_kl_per_token(z, z_new):
 @given(shape=shapes, seed=seeds)
 def test_center_per_token_matches_numpy(shape, seed):
   x = _rand(seed, shape, 3.0)
-  got = np.asarray(ebc_optax.center_per_token(jnp.asarray(x)))
+  got = np.asarray(ebc_optax.formulas.center_per_token(jnp.asarray(x)))
   assert got.shape == x.shape
   np.testing.assert_allclose(got, np_center(x), rtol=1e-5, atol=1e-5)
   # Each token's centered logits sum to zero.
@@ -87,21 +88,21 @@ def test_center_per_token_matches_numpy(shape, seed):
 def test_center_per_token_softmax_invariance(shape, seed):
   x = _rand(seed, shape, 2.0)
   shift = _rand(seed + 1, shape[:-1] + (1,), 5.0)
-  centered = np.asarray(ebc_optax.center_per_token(jnp.asarray(x)))
+  centered = np.asarray(ebc_optax.formulas.center_per_token(jnp.asarray(x)))
   # Same predictions.
   np.testing.assert_allclose(np_softmax(centered), np_softmax(x), rtol=1e-5,
                              atol=1e-7)
   # A per-token constant shift is removed entirely.
-  shifted = np.asarray(ebc_optax.center_per_token(jnp.asarray(x + shift)))
+  shifted = np.asarray(ebc_optax.formulas.center_per_token(jnp.asarray(x + shift)))
   np.testing.assert_allclose(shifted, centered, atol=5e-5)
   # Idempotent.
-  twice = np.asarray(ebc_optax.center_per_token(jnp.asarray(centered)))
+  twice = np.asarray(ebc_optax.formulas.center_per_token(jnp.asarray(centered)))
   np.testing.assert_allclose(twice, centered, atol=1e-5)
 
 
 def test_center_per_token_is_per_token_not_global():
   x = jnp.array([[1.0, 3.0], [10.0, 20.0]])
-  np.testing.assert_allclose(ebc_optax.center_per_token(x),
+  np.testing.assert_allclose(ebc_optax.formulas.center_per_token(x),
                              [[-1.0, 1.0], [-5.0, 5.0]])
 
 
@@ -114,28 +115,28 @@ def test_center_per_token_is_per_token_not_global():
 @given(shape=shapes, seed=seeds, center=st.booleans())
 def test_per_token_rms_norm_matches_numpy(shape, seed, center):
   dz = _rand(seed, shape, 2.0)
-  got = float(ebc_optax.per_token_rms_norm(jnp.asarray(dz), center=center))
+  got = float(ebc_optax.formulas.per_token_rms_norm(jnp.asarray(dz), center=center))
   np.testing.assert_allclose(got, np_rms(dz, center), rtol=1e-5, atol=1e-7)
 
 
 def test_per_token_rms_norm_explicit_values():
   # Two tokens, centered already: sqrt((2 + 8) / 2).
   dz = jnp.array([[1.0, -1.0], [2.0, -2.0]])
-  np.testing.assert_allclose(float(ebc_optax.per_token_rms_norm(dz)),
+  np.testing.assert_allclose(float(ebc_optax.formulas.per_token_rms_norm(dz)),
                              np.sqrt(5.0), rtol=1e-6)
   # A pure per-token shift has zero centered norm but not an uncentered one.
   shift = jnp.array([[3.0, 3.0, 3.0], [-1.0, -1.0, -1.0]])
-  assert float(ebc_optax.per_token_rms_norm(shift)) == pytest.approx(0.0, abs=1e-6)
+  assert float(ebc_optax.formulas.per_token_rms_norm(shift)) == pytest.approx(0.0, abs=1e-6)
   np.testing.assert_allclose(
-      float(ebc_optax.per_token_rms_norm(shift, center=False)),
+      float(ebc_optax.formulas.per_token_rms_norm(shift, center=False)),
       np.sqrt((27.0 + 3.0) / 2), rtol=1e-6)
 
 
 def test_per_token_rms_norm_independent_of_batch_size():
   dz = _rand(0, (3, 4, 7))
   tiled = np.concatenate([dz, dz, dz], axis=0)
-  np.testing.assert_allclose(float(ebc_optax.per_token_rms_norm(dz)),
-                             float(ebc_optax.per_token_rms_norm(tiled)),
+  np.testing.assert_allclose(float(ebc_optax.formulas.per_token_rms_norm(dz)),
+                             float(ebc_optax.formulas.per_token_rms_norm(tiled)),
                              rtol=1e-6)
 
 
@@ -147,8 +148,8 @@ def test_per_token_rms_norm_and_kl_all_reduce_over_axis_name():
 
   @functools.partial(jax.pmap, axis_name="r")
   def f(dz, z, z_new):
-    return (ebc_optax.per_token_rms_norm(dz, axis_name="r"),
-            ebc_optax.per_token_kl(z, z_new, axis_name="r"))
+    return (ebc_optax.formulas.per_token_rms_norm(dz, axis_name="r"),
+            ebc_optax.formulas.per_token_kl(z, z_new, axis_name="r"))
 
   rms, kl = f(dz, z, z_new)
   np.testing.assert_allclose(np.asarray(rms),
@@ -167,7 +168,7 @@ def test_per_token_rms_norm_and_kl_all_reduce_over_axis_name():
 def test_per_token_kl_matches_numpy(shape, seed, scale):
   z = _rand(seed, shape, 2.0)
   z_new = z + _rand(seed + 7, shape, scale)
-  got = float(ebc_optax.per_token_kl(jnp.asarray(z), jnp.asarray(z_new)))
+  got = float(ebc_optax.formulas.per_token_kl(jnp.asarray(z), jnp.asarray(z_new)))
   want = float(np.mean(np_kl_per_token(z, z_new)))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
   assert got >= 0.0
@@ -179,11 +180,11 @@ def test_per_token_kl_explicit_two_class_value():
   z = jnp.zeros((1, 2))
   z_new = jnp.array([[0.0, np.log(3.0)]], jnp.float32)
   want = 0.5 * np.log(2.0) + 0.5 * np.log(2.0 / 3.0)
-  np.testing.assert_allclose(float(ebc_optax.per_token_kl(z, z_new)), want,
+  np.testing.assert_allclose(float(ebc_optax.formulas.per_token_kl(z, z_new)), want,
                              rtol=1e-5)
   # Direction matters: KL(q || p) differs.
   rev = 0.25 * np.log(0.25 / 0.5) + 0.75 * np.log(0.75 / 0.5)
-  np.testing.assert_allclose(float(ebc_optax.per_token_kl(z_new, z)), rev,
+  np.testing.assert_allclose(float(ebc_optax.formulas.per_token_kl(z_new, z)), rev,
                              rtol=1e-5)
 
 
@@ -191,19 +192,19 @@ def test_per_token_kl_is_a_mean_over_tokens():
   z = _rand(1, (2, 3, 5), 2.0)
   z_new = z + _rand(2, (2, 3, 5))
   per_tok = np_kl_per_token(z, z_new)
-  np.testing.assert_allclose(float(ebc_optax.per_token_kl(z, z_new)),
+  np.testing.assert_allclose(float(ebc_optax.formulas.per_token_kl(z, z_new)),
                              per_tok.mean(), rtol=1e-4)
   # Shift-invariant in both arguments.
   np.testing.assert_allclose(
-      float(ebc_optax.per_token_kl(z + 4.0, z_new - 2.0)), per_tok.mean(),
+      float(ebc_optax.formulas.per_token_kl(z + 4.0, z_new - 2.0)), per_tok.mean(),
       rtol=1e-4)
 
 
 def test_per_token_kl_zero_for_identical_and_shifted_logits():
   z = _rand(9, (4, 6), 3.0)
-  assert float(ebc_optax.per_token_kl(z, z)) == pytest.approx(0.0, abs=1e-6)
+  assert float(ebc_optax.formulas.per_token_kl(z, z)) == pytest.approx(0.0, abs=1e-6)
   shift = _rand(10, (4, 1), 5.0)
-  assert float(ebc_optax.per_token_kl(z, z + shift)) == pytest.approx(0.0, abs=1e-5)
+  assert float(ebc_optax.formulas.per_token_kl(z, z + shift)) == pytest.approx(0.0, abs=1e-5)
 
 
 # ---------------------------------------------------------------------------
@@ -213,13 +214,13 @@ def test_per_token_kl_zero_for_identical_and_shifted_logits():
 
 @pytest.mark.parametrize("delta", [1e-6, 1e-3, 0.01, 0.05, 0.25, 1.0, 7.5])
 def test_trust_radius_is_sqrt_4_delta(delta):
-  np.testing.assert_allclose(float(ebc_optax.trust_radius(delta)),
+  np.testing.assert_allclose(float(ebc_optax.formulas.trust_radius(delta)),
                              np.sqrt(4.0 * delta), rtol=1e-6)
 
 
 def test_trust_radius_array_and_dtype():
   deltas = np.array([0.01, 0.04, 0.25, 1.0])
-  got = ebc_optax.trust_radius(jnp.asarray(deltas))
+  got = ebc_optax.formulas.trust_radius(jnp.asarray(deltas))
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), [0.2, 0.4, 1.0, 2.0], rtol=1e-6)
 
@@ -231,9 +232,9 @@ def test_trust_radius_array_and_dtype():
 
 # Per-token versions of the library's numbers (each token as a 1-token batch).
 _per_token_kls = jax.jit(jax.vmap(
-    lambda a, b: ebc_optax.per_token_kl(a[None], b[None])))
+    lambda a, b: ebc_optax.formulas.per_token_kl(a[None], b[None])))
 _per_token_norms = jax.jit(jax.vmap(
-    lambda d: ebc_optax.per_token_rms_norm(d[None])))
+    lambda d: ebc_optax.formulas.per_token_rms_norm(d[None])))
 
 
 @SETTINGS
@@ -262,12 +263,12 @@ def test_kl_bounded_by_quarter_centered_sq_norm_per_token(tokens, vocab, seed,
   # the KL's log terms, absolute ~1e-16 each).
   assert np.all(np_kl_per_token(z, z_new) <= bound * (1 + 1e-9) + 1e-13)
   # Averaged over tokens: mean KL <= 1/4 RMS^2.
-  kl = float(ebc_optax.per_token_kl(z, z_new))
-  rms = float(ebc_optax.per_token_rms_norm(jnp.asarray(dz)))
+  kl = float(ebc_optax.formulas.per_token_kl(z, z_new))
+  rms = float(ebc_optax.formulas.per_token_rms_norm(jnp.asarray(dz)))
   assert kl <= 0.25 * rms**2 * (1 + 1e-3) + 1e-7
   # Hence an RMS change of at most tau = sqrt(4 delta) keeps KL <= delta.
   delta = rms**2 / 4.0
-  assert float(ebc_optax.trust_radius(delta)) == pytest.approx(rms, rel=1e-5)
+  assert float(ebc_optax.formulas.trust_radius(delta)) == pytest.approx(rms, rel=1e-5)
   assert kl <= delta * (1 + 1e-3) + 1e-7
 
 
@@ -276,8 +277,8 @@ def test_kl_bound_is_tight_for_two_equal_classes():
   t = 1e-2
   z = jnp.zeros((1, 2))
   dz = jnp.array([[t, -t]], jnp.float32)
-  kl = float(ebc_optax.per_token_kl(z, z + dz))
-  bound = 0.25 * float(ebc_optax.per_token_rms_norm(dz)) ** 2
+  kl = float(ebc_optax.formulas.per_token_kl(z, z + dz))
+  bound = 0.25 * float(ebc_optax.formulas.per_token_rms_norm(dz)) ** 2
   np.testing.assert_allclose(kl, np.log(np.cosh(t)), rtol=1e-2)
   assert kl == pytest.approx(bound, rel=1e-2)
 
@@ -314,5 +315,5 @@ def test_check_logits_accepts_valid_shapes(shape):
 
 
 def test_token_count_is_product_of_leading_axes():
-  assert _logits.token_count(jnp.zeros((2, 3, 5))) == 6
-  assert _logits.token_count(jnp.zeros((7, 4))) == 7
+  assert formulas.token_count(jnp.zeros((2, 3, 5))) == 6
+  assert formulas.token_count(jnp.zeros((7, 4))) == 7

@@ -18,7 +18,7 @@ from jax.flatten_util import ravel_pytree
 
 import _data_parallel as dp
 import ebc_optax
-from ebc_optax import _logits
+from ebc_optax import formulas
 from conftest import block_jacobian
 from conftest import next_token_loss
 from conftest import block_norms
@@ -176,12 +176,12 @@ def test_fisher_kl_is_the_small_step_limit_of_the_exact_kl(seed):
   z, v = _random_logits(seed)
   errors = []
   for s in (1e-1, 1e-2, 1e-3):
-    quad = float(ebc_optax.fisher_kl(z, s * v))
+    quad = float(ebc_optax.formulas.fisher_kl(z, s * v))
     exact = np_kl(z, np.asarray(z, np.float64) + s * np.asarray(v, np.float64))
     assert exact > 0
     errors.append(abs(quad / exact - 1))
     if s >= 1e-2:  # float32 KL cancels for smaller steps
-      lib = float(ebc_optax.per_token_kl(z, z + s * v))
+      lib = float(ebc_optax.formulas.per_token_kl(z, z + s * v))
       np.testing.assert_allclose(lib, exact, rtol=2e-3)
       np.testing.assert_allclose(quad / lib, 1.0, atol=10 * s)
   # The error of the quadratic model is O(s): it shrinks ~10x per decade.
@@ -196,23 +196,23 @@ def test_fisher_sq_sum_and_change_norm_match_explicit_fisher(shape):
   z, dz = _random_logits(sum(shape), shape)
   want = np_fisher_sq_sum(z, dz)
   n = math.prod(shape[:-1])
-  np.testing.assert_allclose(float(_logits.fisher_sq_sum(z, dz)), want, rtol=1e-5)
+  np.testing.assert_allclose(float(formulas.fisher_sq_sum(z, dz)), want, rtol=1e-5)
   np.testing.assert_allclose(
-      float(_logits.change_sq_sum(dz, z, kl="fisher")), want, rtol=1e-5)
+      float(formulas.change_sq_sum(dz, z, kl="fisher")), want, rtol=1e-5)
   np.testing.assert_allclose(
-      float(ebc_optax.per_token_change_norm(dz, z, kl="fisher")),
+      float(ebc_optax.formulas.per_token_change_norm(dz, z, kl="fisher")),
       np.sqrt(want / n), rtol=1e-5)
-  np.testing.assert_allclose(float(ebc_optax.fisher_kl(z, dz)), want / n / 4,
+  np.testing.assert_allclose(float(ebc_optax.formulas.fisher_kl(z, dz)), want / n / 4,
                              rtol=1e-5)
   # The bound metric is the centered Euclidean one, and dominates the Fisher
   # one (the softmax Fisher has spectral norm <= 1/2).
-  bound = float(ebc_optax.per_token_change_norm(dz, z, kl="bound"))
+  bound = float(ebc_optax.formulas.per_token_change_norm(dz, z, kl="bound"))
   np.testing.assert_allclose(bound, np_size(dz, z, "bound"), rtol=1e-5)
-  np.testing.assert_allclose(bound, float(ebc_optax.per_token_rms_norm(dz)),
+  np.testing.assert_allclose(bound, float(ebc_optax.formulas.per_token_rms_norm(dz)),
                              rtol=1e-6)
   assert bound >= np.sqrt(want / n) * (1 - 1e-6)
   np.testing.assert_allclose(
-      float(_logits.change_sq_sum(dz, kl="bound")),
+      float(formulas.change_sq_sum(dz, kl="bound")),
       np.sum(np_center(dz) ** 2), rtol=1e-5)
 
 
@@ -220,44 +220,44 @@ def test_fisher_metric_is_invariant_to_per_token_constants():
   z, dz = _random_logits(7, (6, 8))
   a = 3.0 * jax.random.normal(jax.random.PRNGKey(8), (6, 1))
   b = 5.0 * jax.random.normal(jax.random.PRNGKey(9), (6, 1))
-  base = float(_logits.fisher_sq_sum(z, dz))
+  base = float(formulas.fisher_sq_sum(z, dz))
   # A constant on the change, on the logits, or both: same p, same Var_p.
-  np.testing.assert_allclose(float(_logits.fisher_sq_sum(z, dz + a)), base,
+  np.testing.assert_allclose(float(formulas.fisher_sq_sum(z, dz + a)), base,
                              rtol=1e-5)
-  np.testing.assert_allclose(float(_logits.fisher_sq_sum(z + b, dz + a)), base,
+  np.testing.assert_allclose(float(formulas.fisher_sq_sum(z + b, dz + a)), base,
                              rtol=1e-5)
-  np.testing.assert_allclose(float(ebc_optax.fisher_kl(z + b, dz + a)),
-                             float(ebc_optax.fisher_kl(z, dz)), rtol=1e-5)
+  np.testing.assert_allclose(float(ebc_optax.formulas.fisher_kl(z + b, dz + a)),
+                             float(ebc_optax.formulas.fisher_kl(z, dz)), rtol=1e-5)
   # No centering needed for the Fisher metric ...
   for center in (True, False):
     np.testing.assert_allclose(
-        float(ebc_optax.per_token_change_norm(dz + a, z, kl="fisher",
+        float(ebc_optax.formulas.per_token_change_norm(dz + a, z, kl="fisher",
                                               center=center)),
         np.sqrt(base / 6), rtol=1e-5)
   # ... whereas the uncentered Euclidean norm does see the constant.
-  assert abs(float(ebc_optax.per_token_change_norm(dz + a, kl="bound",
+  assert abs(float(ebc_optax.formulas.per_token_change_norm(dz + a, kl="bound",
                                                    center=False))
-             - float(ebc_optax.per_token_change_norm(dz, kl="bound",
+             - float(ebc_optax.formulas.per_token_change_norm(dz, kl="bound",
                                                      center=False))) > 1e-2
   # A constant change alone is invisible.
-  assert float(_logits.fisher_sq_sum(z, jnp.broadcast_to(a, z.shape))) < 1e-5
+  assert float(formulas.fisher_sq_sum(z, jnp.broadcast_to(a, z.shape))) < 1e-5
 
 
 def test_fisher_metric_needs_the_logits():
   _, dz = _random_logits(3, (4, 5))
   with pytest.raises(ValueError, match="fisher"):
-    ebc_optax.per_token_change_norm(dz, None, kl="fisher")
+    ebc_optax.formulas.per_token_change_norm(dz, None, kl="fisher")
 
 
 def test_fisher_kl_all_reduces_over_axis_name():
   if jax.device_count() < 8:
     pytest.skip("needs 8 (simulated) devices")
   z, dz = _random_logits(11, (8, 3, 6))
-  got = jax.pmap(lambda a, b: ebc_optax.fisher_kl(a, b, axis_name="i"),
+  got = jax.pmap(lambda a, b: ebc_optax.formulas.fisher_kl(a, b, axis_name="i"),
                  axis_name="i")(z, dz)
   np.testing.assert_allclose(np.asarray(got), np.full(8, np_fisher_sq_sum(z, dz)
                                                        / 24 / 4), rtol=1e-5)
-  norm = jax.pmap(lambda a, b: ebc_optax.per_token_change_norm(
+  norm = jax.pmap(lambda a, b: ebc_optax.formulas.per_token_change_norm(
       b, a, kl="fisher", axis_name="i"), axis_name="i")(z, dz)
   np.testing.assert_allclose(np.asarray(norm),
                              np.full(8, np.sqrt(np_fisher_sq_sum(z, dz) / 24)),
@@ -582,7 +582,8 @@ def test_bad_probe_batch_size_raises_naming_it(value):
     ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, 0.05,
                                       probe_batch_size=value, controller="pi")
   with pytest.raises(ValueError, match="probe_batch_size"):
-    ebc_optax.sensitivity_estimator(tiny_logits_fn, probe_batch_size=value)
+    ebc_optax.advanced.sensitivity_estimator(tiny_logits_fn, **{
+        **ebc_optax.EBCConfig().estimator_kwargs(), "probe_batch_size": value})
 
 
 def test_fractional_probe_batch_in_the_transform_uses_strided_rows(model):
@@ -608,7 +609,7 @@ def test_pi_controller_tracks_the_target_with_fisher_exact(model):
   target = 0.005  # below the default delta_min: pass a controller
   tx = optax.chain(optax.adam(0.3), ebc_optax.ellipsotope_budget_clip(
       tiny_logits_fn, target, aggregate="exact", kl="fisher",
-      controller=ebc_optax.pi_controller(delta_min=1e-3, delta_max=0.3),
+      controller=ebc_optax.controllers.pi_controller(delta_min=1e-3, delta_max=0.3),
       include_embed_out=True, probe_every=2, probe_batch_size=None))
   history = []
   for k, stats in enumerate(telemetry_per_step(tx, params, batch, 30)[0]):
@@ -689,10 +690,16 @@ def test_bad_mode_arguments_raise_naming_the_parameter(name, value, message):
 
 def test_bad_kl_in_the_pieces_raises():
   with pytest.raises(ValueError, match="kl must be one of"):
-    ebc_optax.sensitivity_estimator(tiny_logits_fn, kl="kl2")
-  est = ebc_optax.sensitivity_estimator(tiny_logits_fn)
+    ebc_optax.advanced.sensitivity_estimator(
+        tiny_logits_fn, **ebc_optax.EBCConfig(kl="kl2").estimator_kwargs())
+  est = ebc_optax.advanced.sensitivity_estimator(
+      tiny_logits_fn, **ebc_optax.EBCConfig().estimator_kwargs())
+  clip_kwargs = ebc_optax.EBCConfig(controller="none").clip_kwargs()
   # kl_probe has no metric of its own: it measures in the estimator's.
   with pytest.raises(TypeError, match="kl"):
-    ebc_optax.kl_probe(ebc_optax.budget_clip(est), est, kl="fisher")
+    ebc_optax.advanced.kl_probe(
+        ebc_optax.advanced.budget_clip(est, **clip_kwargs), est, kl="fisher",
+        **ebc_optax.EBCConfig(controller="none").probe_kwargs())
   with pytest.raises(ValueError, match="exact_every"):
-    ebc_optax.budget_clip(est, aggregate="exact", exact_every=0)
+    ebc_optax.advanced.budget_clip(
+        est, **{**clip_kwargs, "aggregate": "exact", "exact_every": 0})

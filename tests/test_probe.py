@@ -36,7 +36,7 @@ def test_controller_proposal_is_used_on_the_next_step(tiny):
   _, params, batch, _ = tiny
   tx = optax.chain(optax.sgd(0.5), ebc_optax.ellipsotope_budget_clip(
       tiny_logits_fn, 0.05, probe_every=1, probe_batch_size=None,
-      controller=ebc_optax.pi_controller(delta_min=1e-4, delta_max=1.0)))
+      controller=ebc_optax.controllers.pi_controller(delta_min=1e-4, delta_max=1.0)))
   state = tx.init(params)
   grads = jax.grad(next_token_loss)(params, batch)
   for _ in range(4):
@@ -54,8 +54,11 @@ def test_controller_proposal_is_used_on_the_next_step(tiny):
 def test_budget_clip_uses_what_it_is_given(tiny):
   """The clip alone: kl_target and radius_factor arrive as update arguments."""
   _, params, batch, _ = tiny
-  est = ebc_optax.sensitivity_estimator(tiny_logits_fn, beta_ema=0.0, safety=1.0)
-  clip = ebc_optax.budget_clip(est, target_kl=0.5)
+  est = ebc_optax.advanced.sensitivity_estimator(
+      tiny_logits_fn, **ebc_optax.EBCConfig(
+          beta_ema=0.0, safety=1.0, probe_batch_size=None).estimator_kwargs())
+  clip = ebc_optax.advanced.budget_clip(est, **ebc_optax.EBCConfig(
+      controller="none", target_kl=0.5).clip_kwargs())
   updates = random_like(jax.random.PRNGKey(3), params, 0.2)
   state = clip.init(params)
   _, own = clip.update(updates, state, params, batch=batch)
@@ -73,24 +76,32 @@ def test_budget_clip_uses_what_it_is_given(tiny):
 def test_probe_measures_in_the_estimators_metric(tiny):
   """T is in the estimator's metric (here Fisher, on its probe rows)."""
   _, params, batch, _ = tiny
-  est = ebc_optax.sensitivity_estimator(tiny_logits_fn, kl="fisher",
-                                        probe_batch_size=0.5)
-  tx = ebc_optax.kl_probe(ebc_optax.budget_clip(est, target_kl=1e-3), est,
-                          target_kl=1e-3, probe_every=1)
+  est = ebc_optax.advanced.sensitivity_estimator(
+      tiny_logits_fn, **ebc_optax.EBCConfig(
+          kl="fisher", probe_batch_size=0.5).estimator_kwargs())
+  cfg = ebc_optax.EBCConfig(controller="none", target_kl=1e-3, guard=True,
+                            probe_every=1)
+  tx = ebc_optax.advanced.kl_probe(
+      ebc_optax.advanced.budget_clip(est, **cfg.clip_kwargs()), est,
+      **cfg.probe_kwargs())
   updates = random_like(jax.random.PRNGKey(4), params, 0.05)
   out, state = tx.update(updates, tx.init(params), params, batch=batch)
   rows = batch[::2]
   z = tiny_logits_fn(params, rows)
   dz = tiny_logits_fn(optax.apply_updates(params, out), rows) - z
-  want = float(ebc_optax.per_token_change_norm(dz, z, kl="fisher"))
+  want = float(ebc_optax.formulas.per_token_change_norm(dz, z, kl="fisher"))
   np.testing.assert_allclose(float(ebc_optax.telemetry(state)["applied_change"]),
                              want, rtol=1e-4)
 
 
 def test_kl_probe_needs_the_estimator():
-  est = ebc_optax.sensitivity_estimator(tiny_logits_fn)
+  cfg = ebc_optax.EBCConfig(controller="none")
+  est = ebc_optax.advanced.sensitivity_estimator(
+      tiny_logits_fn, **cfg.estimator_kwargs())
   with pytest.raises(ValueError, match="SensitivityEstimator"):
-    ebc_optax.kl_probe(ebc_optax.budget_clip(est), tiny_logits_fn)
+    ebc_optax.advanced.kl_probe(
+        ebc_optax.advanced.budget_clip(est, **cfg.clip_kwargs()),
+        tiny_logits_fn, **cfg.probe_kwargs())
 
 
 def test_guard_is_left_alone_when_the_surrogate_promises_nothing(tiny):

@@ -26,14 +26,17 @@ def test_seeds_recipe_is_the_seeds_pieces_with_their_gains(tiny):
   L1 surrogate in the bound metric, PI controller (k_p 0.15, k_i 0.02,
   half-life 250, δ in [0.01, 0.30]) and the guard, probing every 20 steps."""
   _, params, batch, _ = tiny
-  est = ebc_optax.sensitivity_estimator(
-      tiny_logits_fn, update_every=20, probe_layers=2, full_sweep_every=200,
-      beta_ema=0.9, safety=1.05, kl="bound", probe_batch_size=0.25)
-  by_hand = optax.chain(optax.adam(0.05), ebc_optax.skip_nonfinite(
-      ebc_optax.kl_probe(
-          ebc_optax.budget_clip(est, target_kl=0.05, aggregate="l1"), est,
-          target_kl=0.05, guard=True, probe_every=20,
-          controller=ebc_optax.pi_controller(kp=0.15, ki=0.02, half_life=250,
+  est = ebc_optax.advanced.sensitivity_estimator(
+      tiny_logits_fn, sensitivity="jvp", update_every=20, probe_layers=2,
+      full_sweep_every=200, beta_ema=0.9, huber_ratio=4.0, safety=1.05,
+      center_logits=True, fd_step=1e-2, kl="bound", probe_batch_size=0.25)
+  by_hand = optax.chain(optax.adam(0.05), ebc_optax.advanced.skip_nonfinite(
+      ebc_optax.advanced.kl_probe(
+          ebc_optax.advanced.budget_clip(
+              est, target_kl=0.05, aggregate="l1", exact_every=1,
+              include_embed_out=False, overshoot="scale", eps=1e-12), est,
+          target_kl=0.05, guard=True, probe_every=20, eps=1e-12,
+          controller=ebc_optax.controllers.pi_controller(kp=0.15, ki=0.02, half_life=250,
                                              delta_min=0.01, delta_max=0.30),
           budgeted_leaves=_blocks_only),
       check_updates=False))

@@ -8,18 +8,18 @@ import optax
 import pytest
 
 import ebc_optax
-from ebc_optax import _relative
+from ebc_optax import formulas
 from conftest import random_like, tiny_logits_fn
 
 
 def _deltas(surrogates, multiple=4.0, window=8, trend=12, z=4.0):
   """Drives the controller with given S values; returns δ after each step."""
-  ctrl = ebc_optax.relative_radius(multiple=multiple, window=window,
+  ctrl = ebc_optax.controllers.relative_radius(multiple=multiple, window=window,
                                    trend=trend, z=z)
   state, delta = ctrl.init(jnp.float32(0.05))
   out = []
   for s in surrogates:
-    m = ebc_optax.ProbeMeasurement(
+    m = ebc_optax.controllers.ProbeMeasurement(
         applied_kl=0.0, applied_change=0.0, clip_scale=1.0, surrogate=s,
         guard_ratio=float("nan"), interval=1)
     state, delta = ctrl.update(state, m, delta, jnp.float32(0.05))
@@ -71,7 +71,7 @@ def test_robust_trend_against_a_brute_force():
   rng = np.random.default_rng(3)
   t = np.sort(rng.choice(100, size=9, replace=False))
   y = 0.2 * t + rng.normal(0, 0.3, size=9)
-  value, spread = _relative.robust_trend(jnp.asarray(t), jnp.asarray(y),
+  value, spread = formulas.robust_trend(jnp.asarray(t), jnp.asarray(y),
                                          jnp.int32(100))
   slope = np.median([(y[j] - y[i]) / (t[j] - t[i])
                      for i in range(9) for j in range(i + 1, 9)])
@@ -81,7 +81,7 @@ def test_robust_trend_against_a_brute_force():
       float(spread), 1.4826 * np.median(np.abs(carried - np.median(carried))),
       rtol=1e-3)
   # A decay is not extrapolated; its scatter is measured around its own line.
-  value, spread = _relative.robust_trend(jnp.asarray(t), jnp.asarray(-y),
+  value, spread = formulas.robust_trend(jnp.asarray(t), jnp.asarray(-y),
                                          jnp.int32(100))
   np.testing.assert_allclose(float(value), np.median(-y), rtol=1e-4)
   np.testing.assert_allclose(
@@ -114,7 +114,7 @@ def test_a_burst_shorter_than_half_the_window_is_cut_and_growth_is_followed():
 def test_ordinary_steps_pass_and_an_outlier_is_cut(tiny):
   _, params, batch, _ = tiny
   tx = ebc_optax.ellipsotope_budget_clip(
-      tiny_logits_fn, controller=ebc_optax.relative_radius(window=8),
+      tiny_logits_fn, controller=ebc_optax.controllers.relative_radius(window=8),
       overshoot="scale", aggregate="exact", kl="fisher", probe_every=0,
       probe_batch_size=None)
   state = tx.init(params)
@@ -138,23 +138,23 @@ def test_ordinary_steps_pass_and_an_outlier_is_cut(tiny):
 
 def test_bad_arguments_raise_naming_them():
   with pytest.raises(ValueError, match="multiple"):
-    ebc_optax.relative_radius(multiple=1.0)
+    ebc_optax.controllers.relative_radius(multiple=1.0)
   with pytest.raises(ValueError, match="window"):
-    ebc_optax.relative_radius(window=3)
+    ebc_optax.controllers.relative_radius(window=3)
   with pytest.raises(ValueError, match="trend"):
-    ebc_optax.relative_radius(trend=2)
+    ebc_optax.controllers.relative_radius(trend=2)
   with pytest.raises(ValueError, match="z"):
-    ebc_optax.relative_radius(z=-1.0)
+    ebc_optax.controllers.relative_radius(z=-1.0)
 
 
 def _skip_deltas(surrogates, multiple=4.0, window=8):
   """As ``_deltas``, with the clip refusing (c = 0) every step with K > δ."""
-  ctrl = ebc_optax.relative_radius(multiple=multiple, window=window)
+  ctrl = ebc_optax.controllers.relative_radius(multiple=multiple, window=window)
   state, delta = ctrl.init(jnp.float32(0.05))
   out, refused = [], []
   for s in surrogates:
     refuse = 0.25 * s * s > float(delta)
-    m = ebc_optax.ProbeMeasurement(
+    m = ebc_optax.controllers.ProbeMeasurement(
         applied_kl=0.0, applied_change=0.0, clip_scale=0.0 if refuse else 1.0,
         surrogate=s, guard_ratio=float("nan"), interval=1)
     state, delta = ctrl.update(state, m, delta, jnp.float32(0.05))
@@ -176,7 +176,7 @@ def test_overshoot_skip_refuses_the_outlier_step_whole(tiny):
   _, params, batch, _ = tiny
   # The default: the relative radius, refusing what is beyond it.
   tx = ebc_optax.wrap(optax.sgd(1.0), tiny_logits_fn,
-                      controller=ebc_optax.relative_radius(window=8),
+                      controller=ebc_optax.controllers.relative_radius(window=8),
                       probe_batch_size=None)
   state = tx.init(params)
   update = jax.jit(tx.update)

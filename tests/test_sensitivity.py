@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import ebc_optax
 from ebc_optax import _layers
 from ebc_optax import _sensitivity
+from ebc_optax import formulas
 from conftest import block_jacobian
 from conftest import block_norms
 from conftest import flat_block
@@ -233,14 +234,14 @@ def ref_robust_ema(old, new, measured, decay, huber_ratio):
 def test_robust_ema_matches_python_reference(old, new, measured, decay,
                                              huber_ratio):
   old32, new32 = float(np.float32(old)), float(np.float32(new))
-  got = float(_sensitivity.robust_ema(jnp.float32(old), jnp.float32(new),
+  got = float(formulas.robust_ema(jnp.float32(old), jnp.float32(new),
                                       jnp.asarray(measured), decay, huber_ratio))
   want = ref_robust_ema(old32, new32, measured, decay, huber_ratio)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-30)
 
 
 def test_robust_ema_cases():
-  ema = lambda old, new, measured, decay, huber: float(_sensitivity.robust_ema(
+  ema = lambda old, new, measured, decay, huber: float(formulas.robust_ema(
       jnp.float32(old), jnp.float32(new), jnp.asarray(measured), decay, huber))
   # First measurement: taken as is, whatever the (init) old value.
   assert ema(0.0, 3.0, False, 0.9, 4.0) == pytest.approx(3.0)
@@ -263,7 +264,7 @@ def test_robust_ema_vectorised():
   old = jnp.array([0.0, 1.0, 1.0, 2.0], jnp.float32)
   new = jnp.array([5.0, 10.0, 0.1, 3.0], jnp.float32)
   measured = jnp.array([False, True, True, True])
-  got = np.asarray(_sensitivity.robust_ema(old, new, measured, 0.5, 2.0))
+  got = np.asarray(formulas.robust_ema(old, new, measured, 0.5, 2.0))
   want = [ref_robust_ema(float(o), float(n), bool(m), 0.5, 2.0)
           for o, n, m in zip(old, new, measured)]
   np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -379,8 +380,8 @@ def test_auto_full_sweep_comes_every_200_steps_per_8_layers(num_blocks, swept_at
   def at(state, step):  # EBC's step counter set to ``step``
     return jax.tree.map(
         lambda x: x._replace(ebc_step=jnp.asarray(step, jnp.int32))
-        if isinstance(x, ebc_optax.BudgetClipState) else x, state,
-        is_leaf=lambda x: isinstance(x, ebc_optax.BudgetClipState))
+        if isinstance(x, ebc_optax.advanced.BudgetClipState) else x, state,
+        is_leaf=lambda x: isinstance(x, ebc_optax.advanced.BudgetClipState))
 
   other = random_like(jax.random.PRNGKey(10), params)  # a new direction
   for step in (200, 400):
@@ -551,17 +552,19 @@ def test_fd_beta_within_one_percent_of_jvp_at_width(width, scale):
   updates = random_like(jax.random.PRNGKey(8), params)
   betas = {}
   for method in ("jvp", "fd"):
-    est = ebc_optax.sensitivity_estimator(logits_fn, sensitivity=method,
-                                          beta_ema=0.0, safety=1.0)
-    tx = ebc_optax.budget_clip(est)
+    est = ebc_optax.advanced.sensitivity_estimator(
+        logits_fn, **ebc_optax.EBCConfig(
+            sensitivity=method, beta_ema=0.0, safety=1.0,
+            probe_batch_size=None).estimator_kwargs())
+    tx = ebc_optax.advanced.budget_clip(
+        est, **ebc_optax.EBCConfig(controller="none").clip_kwargs())
     _, state = tx.update(updates, tx.init(params), params, batch=batch)
     betas[method] = float(state.sensitivity.layer_beta[0])
   np.testing.assert_allclose(betas["fd"], betas["jvp"], rtol=1e-2)
 
 
 def test_fd_epsilon_does_not_grow_with_size():
-  from ebc_optax import _sensitivity
   for n in (10, 1000, 100000):  # unit-scale entries: rms 1 at every size
-    np.testing.assert_allclose(_sensitivity.fd_epsilon(float(n), n, 1e-2), 1e-2,
+    np.testing.assert_allclose(formulas.fd_epsilon(float(n), n, 1e-2), 1e-2,
                                rtol=1e-6)
-  np.testing.assert_allclose(_sensitivity.fd_epsilon(0.0, 5, 1e-2), 1e-4)
+  np.testing.assert_allclose(formulas.fd_epsilon(0.0, 5, 1e-2), 1e-4)

@@ -30,8 +30,11 @@ def test_before_the_first_step_nothing_reads_as_measured(tiny):
 
 
 @pytest.mark.parametrize("build,keys", [
-    (lambda: ebc_optax.budget_clip(ebc_optax.sensitivity_estimator(
-        tiny_logits_fn)), ALWAYS),
+    (lambda: ebc_optax.advanced.budget_clip(
+        ebc_optax.advanced.sensitivity_estimator(
+            tiny_logits_fn, **ebc_optax.EBCConfig(
+                probe_batch_size=None).estimator_kwargs()),
+        **ebc_optax.EBCConfig(controller="none").clip_kwargs()), ALWAYS),
     (lambda: ebc_optax.ellipsotope_budget_clip(tiny_logits_fn, guard=False),
      ALWAYS | PROBE | RELATIVE | {"nonfinite_skips"}),
     # The default: the relative radius, no guard (see ellipsotope_budget_clip).
@@ -61,11 +64,12 @@ def test_pieces_absent_from_the_composition_are_absent(tiny, build, keys):
 
 
 def _readme_keys():
-  """The keys the README's *Telemetry* table documents (its first column)."""
+  """The keys the telemetry guide's table documents (its first column)."""
   import pathlib
   import re
-  text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-  table = text.split("## Telemetry", 1)[1].split("\n\n**", 1)[0]
+  text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "guides"
+          / "telemetry.md").read_text()
+  table = text.split("\n\n**", 1)[0]
   return {key for row in table.splitlines() if row.startswith("| `")
           for key in re.findall(r"`([^`]+)`", row.split(" | ")[0])}
 
@@ -101,15 +105,15 @@ def test_values_follow_the_state_over_a_run(tiny):
       z = tiny_logits_fn(params, batch)
       z_new = tiny_logits_fn(optax.apply_updates(params, updates), batch)
       np.testing.assert_allclose(stats["applied_kl"],
-                                 ebc_optax.per_token_kl(z, z_new), rtol=1e-4)
-      change = float(ebc_optax.per_token_change_norm(z_new - z, z))
+                                 ebc_optax.formulas.per_token_kl(z, z_new), rtol=1e-4)
+      change = float(ebc_optax.formulas.per_token_change_norm(z_new - z, z))
       np.testing.assert_allclose(stats["applied_change"], change, rtol=1e-4)
       # ρ compares like with like: the change of the budgeted leaves (the
       # blocks) alone, against what S promised for them.
       blocks_only = {**params, "blocks": optax.apply_updates(
           params["blocks"], updates["blocks"])}
       z_b = tiny_logits_fn(blocks_only, batch)
-      budgeted = float(ebc_optax.per_token_change_norm(z_b - z, z))
+      budgeted = float(ebc_optax.formulas.per_token_change_norm(z_b - z, z))
       np.testing.assert_allclose(stats["budgeted_change"], budgeted, rtol=1e-4)
       assert budgeted != pytest.approx(change, rel=1e-3)  # embed/head moved
       np.testing.assert_allclose(stats["rho"], budgeted / (stats["c"] * stats["S"]),

@@ -163,8 +163,11 @@ def test_missing_params_or_batch_is_a_clear_error(tiny):
 def test_pieces_compose_without_controller_or_probe(tiny):
   """A user-assembled variant: estimator + budget clip only (fixed τ, no probe)."""
   _, params, batch, _ = tiny
-  est = ebc_optax.sensitivity_estimator(tiny_logits_fn, beta_ema=0.0, safety=1.0)
-  clip = ebc_optax.budget_clip(est, target_kl=1e-3)
+  est = ebc_optax.advanced.sensitivity_estimator(
+      tiny_logits_fn, **ebc_optax.EBCConfig(
+          beta_ema=0.0, safety=1.0, probe_batch_size=None).estimator_kwargs())
+  clip = ebc_optax.advanced.budget_clip(est, **ebc_optax.EBCConfig(
+      controller="none", target_kl=1e-3).clip_kwargs())
   tx = optax.chain(optax.sgd(1e-1), clip)
   _, state, _, step = _train(tx, params, batch, 3)
   stats = ebc_optax.telemetry(state)
@@ -176,7 +179,7 @@ def test_pieces_compose_without_controller_or_probe(tiny):
 def test_custom_controller_slot(tiny):
   """Any KLController can replace the PI controller."""
   _, params, batch, _ = tiny
-  halve = ebc_optax.KLController(
+  halve = ebc_optax.controllers.KLController(
       init=lambda target: (optax.EmptyState(), target),
       update=lambda st, meas, delta, target: (st, 0.5 * delta))
   tx = optax.chain(optax.adam(1e-2), _ebc(target_kl=0.08, controller=halve,

@@ -11,7 +11,7 @@ import pytest
 import _data_parallel as dp
 import ebc_optax
 from ebc_optax import _probe
-from ebc_optax import _trust_region
+from ebc_optax import formulas
 from conftest import tiny_batch, tiny_logits_fn, tiny_params
 
 
@@ -28,7 +28,7 @@ def ce_loss(logits, tokens):
     (-1.0, 0.0, -10.0), (-1.0, 0.5, -10.0), (np.nan, -1.0, -10.0),
     (-1.0, np.inf, -10.0), (-100.0, -1.0, 10.0), (50.0, -1.0, -10.0)])
 def test_ratio_against_definition(actual, predicted, expected):
-  got = float(ebc_optax.trust_region_ratio(actual, predicted))
+  got = float(ebc_optax.formulas.trust_region_ratio(actual, predicted))
   assert got == pytest.approx(expected)
 
 
@@ -41,7 +41,7 @@ def test_ratio_against_definition(actual, predicted, expected):
     (0.9, np.nan, 0.5, 0.5),  # non-finite: shrink
 ])
 def test_step_shrinks_keeps_grows(ratio, loss_change, c, factor):
-  new, shrunk, grown = _trust_region.trust_region_step(
+  new, shrunk, grown = formulas.trust_region_step(
       jnp.float32(0.01), jnp.float32(ratio), loss_change, jnp.float32(c),
       shrink_below=0.25, grow_above=0.75, shrink_factor=0.5, grow_factor=1.5,
       delta_min=1e-4, delta_max=1.0)
@@ -50,11 +50,11 @@ def test_step_shrinks_keeps_grows(ratio, loss_change, c, factor):
 
 
 def test_step_clamps():
-  hi, _, _ = _trust_region.trust_region_step(
+  hi, _, _ = formulas.trust_region_step(
       jnp.float32(0.9), jnp.float32(1.0), -1.0, jnp.float32(0.1),
       shrink_below=0.25, grow_above=0.75, shrink_factor=0.5, grow_factor=1.5,
       delta_min=0.01, delta_max=1.0)
-  lo, _, _ = _trust_region.trust_region_step(
+  lo, _, _ = formulas.trust_region_step(
       jnp.float32(0.011), jnp.float32(-3.0), 1.0, jnp.float32(0.1),
       shrink_below=0.25, grow_above=0.75, shrink_factor=0.5, grow_factor=1.5,
       delta_min=0.01, delta_max=1.0)
@@ -89,7 +89,7 @@ def test_loss_change_and_prediction_against_brute_force():
   # A small step: the quadratic model is accurate, ρ_tr → 1.
   small = jax.tree.map(lambda x: 1e-2 * x, updates)
   _, _, a, p = _probe.measure_loss_change(tiny_logits_fn, ce_loss, params, small, batch)
-  assert float(ebc_optax.trust_region_ratio(a, p)) == pytest.approx(1.0, abs=0.05) or \
+  assert float(ebc_optax.formulas.trust_region_ratio(a, p)) == pytest.approx(1.0, abs=0.05) or \
       float(p) >= 0  # a non-descent direction has no ratio
 
 
@@ -104,7 +104,7 @@ def test_trust_region_needs_loss_fn_and_validates():
                    ({"delta_min": 0.0}, "delta_min"),
                    ({"delta_min": 0.5, "delta_max": 0.1}, "delta_max")]:
     with pytest.raises(ValueError, match=name):
-      ebc_optax.trust_region_radius(**kw)
+      ebc_optax.controllers.trust_region_radius(**kw)
 
 
 # --- in the transform ------------------------------------------------------------
@@ -154,7 +154,7 @@ def test_telemetry_counts_every_evaluation():
   assert total == 6 == int(last["probe_count"])
   np.testing.assert_allclose(
       float(last["rho_tr"]),
-      float(ebc_optax.trust_region_ratio(last["loss_change"],
+      float(ebc_optax.formulas.trust_region_ratio(last["loss_change"],
                                          last["predicted_loss_change"])), rtol=1e-6)
 
 
@@ -249,7 +249,7 @@ PAR_STEPS = 4
 def _par_tx(axis_name=None):
   return optax.chain(optax.adam(5e-2), ebc_optax.ellipsotope_budget_clip(
       tiny_logits_fn, 0.01, aggregate="exact", kl="fisher",
-      controller=ebc_optax.trust_region_radius(delta_min=1e-5),
+      controller=ebc_optax.controllers.trust_region_radius(delta_min=1e-5),
       loss_fn=ce_loss, probe_every=1, probe_batch_size=None,
       axis_name=axis_name))
 

@@ -53,7 +53,7 @@ def test_bad_hyperparameter_raises_at_construction(name, value, message):
 ])
 def test_bad_controller_arguments(kw, message):
   with pytest.raises(ValueError, match=message):
-    ebc_optax.pi_controller(**kw)
+    ebc_optax.controllers.pi_controller(**kw)
 
 
 def test_logits_without_vocab_axis_raise_at_trace_time(tiny):
@@ -120,7 +120,7 @@ def test_integer_leaf_in_a_block_is_left_out_of_the_budget(tiny, aggregate):
   params = {**params, "blocks": [{**params["blocks"][0],
                                   "count": jnp.zeros((), jnp.int32)},
                                  params["blocks"][1]]}
-  assert ebc_optax.budget_layers(params) == ("blocks/0", "blocks/1")
+  assert ebc_optax.layers.budget_layers(params) == ("blocks/0", "blocks/1")
   tx = ebc_optax.ellipsotope_budget_clip(logits_fn, aggregate=aggregate)
   grads = jax.tree.map(lambda x: jnp.ones_like(x, jnp.float32), params)
   _, state = tx.update(grads, tx.init(params), params, batch=batch)

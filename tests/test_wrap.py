@@ -143,7 +143,7 @@ def _refusing_run(params, batch, skip_refused):
   gradient is ×100 (an outlier, refused). Returns the base state after each
   step and the refusal counters."""
   tx = ebc_optax.wrap(optax.sgd(1e-2, momentum=0.9), tiny_logits_fn,
-                      controller=ebc_optax.relative_radius(window=8),
+                      controller=ebc_optax.controllers.relative_radius(window=8),
                       probe_batch_size=None, skip_refused=skip_refused)
   state = tx.init(params)
 

@@ -9,6 +9,7 @@ import sys
 
 from ebc_optax.experiments import bursts
 from ebc_optax.experiments import config as config_lib
+from ebc_optax.experiments import optim as optim_lib
 
 DEFAULT_OUT = pathlib.Path("outputs")
 
@@ -180,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", help="sweep directory (default: outputs/ablate/<timestamp>)")
   p.add_argument("--progress", action="store_true", help="show progress bars")
   p.add_argument("--clips", type=_csv(str), default=["none", "ebc"],
-                 help=f"clipping arms, from {config_lib.CLIPS} (set "
+                 help=f"clipping arms, from {tuple(optim_lib.CLIP_ARMS)} (set "
                       "optim.energy_ratio / optim.global_clip_norm with --set)")
   p.set_defaults(func=cmd_ablate)
 
@@ -199,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="EBC arms off,on (default when --clips is not given); "
                       "same as --clips none,ebc")
   p.add_argument("--clips", type=_csv(str), default=None,
-                 help=f"clipping arms, from {config_lib.CLIPS}; replaces --ebc")
+                 help=f"clipping arms, from {tuple(optim_lib.CLIP_ARMS)}; replaces --ebc")
   p.add_argument("--energy_ratios", type=_csv(float), default=None,
                  help="ratios of the energy arm (default: optim.energy_ratio)")
   p.add_argument("--deltas", type=_csv(float), default=[0.05, 0.1])
@@ -261,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="steps per run (default: the study preset, 1500)")
   p.add_argument("--arms", type=_csv(str), default=None,
                  help="arms (default: Adam, EBC's default and the spike guards "
-                      "of study.guard_arms)")
+                      "of study_design.guard_arms)")
   p.add_argument("--kinds", type=_csv(str), default=list(bursts.BURST_KINDS[1:]),
                  help="burst kinds (ebc_optax.experiments.bursts.BURST_KINDS)")
   p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2])

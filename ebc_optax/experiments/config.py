@@ -17,16 +17,11 @@ import pathlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ebc_optax import _config as ebc_config
+import ebc_optax
 from ebc_optax.experiments import bursts
 
 DTYPES = ("float32", "bfloat16")
 DATASETS = ("markov", "shakespeare", "text")
-OPTIMIZERS = ("adam", "muon", "sgd", "prodigy", "schedule_free", "spam",
-              "stable_adamw")
-# The clipping arm: EBC, or a peer guard (ebc_optax.experiments.guards).
-CLIPS = ("none", "global", "ebc", "energy", "agc", "zclip", "skip_step",
-         "update_clip")
 SPECTRAL = ("none", "spec_normalize", "hard_cap", "spec_hammer")
 BURST_KINDS = bursts.BURST_KINDS
 
@@ -136,7 +131,8 @@ class TrainConfig:
 class LogConfig:
   """Logging."""
   log_interval: int = 20
-  progress: bool = True
+  progress: bool = True  # a tqdm progress bar
+  tensorboard: bool = False  # also write TensorBoard scalars (writers.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +141,7 @@ class Config:
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   optim: OptimConfig = OptimConfig()
-  ebc: ebc_config.EBCConfig = ebc_config.EBCConfig()
+  ebc: ebc_optax.EBCConfig = ebc_optax.EBCConfig()
   train: TrainConfig = TrainConfig()
   log: LogConfig = LogConfig()
 
@@ -158,8 +154,6 @@ _CHOICES = {
     ("model", "positions"): ("rope", "learned"),
     ("model", "param_dtype"): DTYPES,
     ("data", "dataset"): DATASETS,
-    ("optim", "optimizer"): OPTIMIZERS,
-    ("optim", "clip"): CLIPS,
     ("optim", "spectral"): SPECTRAL,
     ("optim", "spectral_method"): ("power", "svd"),
     ("train", "burst"): BURST_KINDS,
@@ -176,7 +170,10 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def validate(cfg: Config) -> Config:
   """Checks choices and basic ranges; returns ``cfg``."""
-  for (section, key), choices in _CHOICES.items():
+  from ebc_optax.experiments import optim  # the registries (optim imports us)
+  choices_of = {**_CHOICES, ("optim", "optimizer"): tuple(optim.BASES),
+                ("optim", "clip"): tuple(optim.CLIP_ARMS)}
+  for (section, key), choices in choices_of.items():
     value = getattr(getattr(cfg, section), key)
     if value not in choices:
       raise ValueError(f"{section}.{key} must be one of {choices}; got {value!r}.")
@@ -197,8 +194,8 @@ def validate(cfg: Config) -> Config:
   if (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
       or not math.isfinite(ratio) or ratio <= 0):
     raise ValueError(f"optim.energy_ratio must be in (0, inf); got {ratio!r}.")
-  if cfg.optim.optimizer == "schedule_free" and cfg.optim.clip in (
-      "agc", "zclip", "skip_step", "update_clip"):
+  if (cfg.optim.optimizer == "schedule_free"
+      and not optim.CLIP_ARMS[cfg.optim.clip].schedule_free):
     raise ValueError(
         f"optim.clip={cfg.optim.clip!r} is not built around the schedule-free "
         "base; use optim.optimizer adam, prodigy, sgd or muon with it.")
@@ -269,7 +266,7 @@ def seeds_config() -> Config:
   """The defaults with the ``ebc`` section at the seeds' recipe: what the
   seeds' runners (ablate, shakespeare-ablation, autopilot) start from, so
   that they reproduce the seed study whatever the library's defaults are."""
-  return Config(ebc=ebc_config.EBCConfig.seeds())
+  return Config(ebc=ebc_optax.EBCConfig.seeds())
 
 
 def load(path: str | pathlib.Path | None = None,

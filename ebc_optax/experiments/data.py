@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ebc_optax import _validation
+from ebc_optax import advanced
 
 PathLike = Union[str, os.PathLike]
 
@@ -178,7 +178,7 @@ def split_ids(ids: np.ndarray,
   Raises:
     ValueError: for ``val_fraction`` outside ``(0, 1)`` or too few tokens.
   """
-  _validation.check_number("val_fraction", val_fraction, lo=0.0, hi=1.0,
+  advanced.check_number("val_fraction", val_fraction, lo=0.0, hi=1.0,
                            lo_open=True, hi_open=True)
   ids = np.asarray(ids, np.int32).reshape(-1)
   n = ids.shape[0]
@@ -208,7 +208,7 @@ def text_dataset(text: str, name: str,
   Raises:
     ValueError: for an empty or too short text, or a bad ``val_fraction``.
   """
-  _validation.check_number("val_fraction", val_fraction, lo=0.0, hi=1.0,
+  advanced.check_number("val_fraction", val_fraction, lo=0.0, hi=1.0,
                            lo_open=True, hi_open=True)
   if not text:
     raise ValueError(f"text of dataset {name!r} is empty.")
@@ -529,11 +529,11 @@ def markov_language(seed: int = 0, vocab_size: int = 32, support: int = 4,
     RuntimeError: if no primitive table is found (only for extreme
       ``concentration`` whose draws underflow).
   """
-  _validation.check_number("seed", seed, lo=0, integer=True)
-  _validation.check_number("vocab_size", vocab_size, lo=2, integer=True)
-  _validation.check_number("support", support, lo=1, hi=vocab_size,
+  advanced.check_number("seed", seed, lo=0, integer=True)
+  advanced.check_number("vocab_size", vocab_size, lo=2, integer=True)
+  advanced.check_number("support", support, lo=1, hi=vocab_size,
                            integer=True)
-  _validation.check_number("concentration", concentration, lo=0.0,
+  advanced.check_number("concentration", concentration, lo=0.0,
                            lo_open=True)
   rng = np.random.default_rng(seed)
   for _ in range(_MAX_MARKOV_ATTEMPTS):
@@ -561,7 +561,7 @@ def sample_markov(lang: MarkovLanguage, length: int,
   Returns:
     int32 [length] states.
   """
-  _validation.check_number("length", length, lo=1, integer=True)
+  advanced.check_number("length", length, lo=1, integer=True)
   trans = np.asarray(lang.transition, np.float64)
   # Per state: its successors and their cumulative probabilities, the last one
   # set to 1 so that every u in [0, 1) lands on a successor.
@@ -603,9 +603,9 @@ def markov_dataset(lang: MarkovLanguage, train_tokens: int, val_tokens: int,
   Returns:
     The dataset, named ``"markov"``, with ``entropy_floor = lang.entropy_rate``.
   """
-  _validation.check_number("train_tokens", train_tokens, lo=2, integer=True)
-  _validation.check_number("val_tokens", val_tokens, lo=2, integer=True)
-  _validation.check_number("seed", seed, lo=0, integer=True)
+  advanced.check_number("train_tokens", train_tokens, lo=2, integer=True)
+  advanced.check_number("val_tokens", val_tokens, lo=2, integer=True)
+  advanced.check_number("seed", seed, lo=0, integer=True)
   v = lang.vocab_size
   if v > len(MARKOV_ALPHABET):
     raise ValueError(
@@ -624,8 +624,8 @@ def markov_dataset(lang: MarkovLanguage, train_tokens: int, val_tokens: int,
 # --- batches -----------------------------------------------------------------
 
 def _check_window(num_tokens: int, batch_size: int, seq_len: int) -> None:
-  _validation.check_number("batch_size", batch_size, lo=1, integer=True)
-  _validation.check_number("seq_len", seq_len, lo=1, integer=True)
+  advanced.check_number("batch_size", batch_size, lo=1, integer=True)
+  advanced.check_number("seq_len", seq_len, lo=1, integer=True)
   if num_tokens < seq_len + 1:
     raise ValueError(
         f"a token array of length {num_tokens} is too short for windows of "
@@ -696,7 +696,7 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
   """
   tokens = np.asarray(tokens).reshape(-1)
   _check_window(tokens.shape[0], batch_size, seq_len)
-  _validation.check_number("max_batches", max_batches, lo=1, integer=True)
+  advanced.check_number("max_batches", max_batches, lo=1, integer=True)
   num_batches = min(num_eval_windows(tokens.shape[0], seq_len) // batch_size,
                     max_batches)
   if num_batches == 0:

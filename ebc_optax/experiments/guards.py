@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import optax
 
 import ebc_optax
-from ebc_optax import _wrap
+from ebc_optax import advanced
 
 PASSED, CLIPPED, SKIPPED = 0, 1, 2
 
@@ -159,7 +159,7 @@ def skip_step(inner: optax.GradientTransformation, *, sigma: float = 6.0,
     updates, inner_state = inner.update(grads, state.inner_state, params,
                                         **extra)
     keep_old = jnp.logical_and(skip, keep_state) | ~finite
-    inner_state = _wrap._select(keep_old, state.inner_state, inner_state)
+    inner_state = advanced.select_state(keep_old, state.inner_state, inner_state)
     updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u),
                            updates)
     record = jnp.logical_and(finite, keep_skipped | ~skip)
@@ -450,8 +450,8 @@ def decision(opt_state: Any) -> jax.Array:
   found = [s.decision for s in jax.tree.leaves(
       opt_state, is_leaf=lambda x: isinstance(x, _DECIDING))
            if isinstance(s, _DECIDING)]
-  if any(isinstance(s, _wrap.WrapState) for s in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, _wrap.WrapState))):
+  if any(isinstance(s, ebc_optax.WrapState) for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, ebc_optax.WrapState))):
     tel = ebc_optax.telemetry(opt_state)
     refused = jnp.logical_or(tel["refused_count"] > 0,
                              tel["notfinite_count"] > 0)

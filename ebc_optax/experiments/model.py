@@ -8,7 +8,7 @@ Two models:
 * :class:`MLP`: a small classifier (Linear + GELU blocks and a linear head).
 
 Attribute names are chosen so that EBC's default layer grouping
-(:func:`ebc_optax.default_layer_labels`) gives one budgeted layer per block
+(:func:`ebc_optax.layers.default_layer_labels`) gives one budgeted layer per block
 (``"blocks/0"``, ``"blocks/1"``, ...) and recognises the embedding / output
 groups by name (``"tok_embed"``, ``"pos_embed"``, ``"lm_head"``, ``"head"``).
 
@@ -25,8 +25,8 @@ norm per layer group, recorded with ``Module.sow`` and collected with
   logits, norms = fns.apply_with_activations(fns.params, tokens)
   # norms == {"tok_embed": ..., "blocks/0": ..., ..., "lm_head": ...}
 
-The labels are those of :func:`ebc_optax.default_layer_labels` of ``params``
-and each value is :func:`ebc_optax.activation_norm` (per-token RMS of
+The labels are those of :func:`ebc_optax.layers.default_layer_labels` of ``params``
+and each value is :func:`ebc_optax.formulas.activation_norm` (per-token RMS of
 the L2 norm, float32) of the group's activation: the *output* of an embedding,
 the *input* (residual stream) of a block, the *input* of the output head.
 
@@ -138,7 +138,7 @@ def record_activation_norm(module: nnx.Module, x: jax.Array) -> None:
   its parent), so the intermediate's path starts with the group's parameter
   path and :func:`activation_norms_by_label` can label it.
   """
-  module.sow(nnx.Intermediate, ACTIVATION_NORM, ebc_optax.activation_norm(x),
+  module.sow(nnx.Intermediate, ACTIVATION_NORM, ebc_optax.formulas.activation_norm(x),
              reduce_fn=lambda _, new: new, init_fn=lambda: None)
 
 
@@ -150,14 +150,14 @@ def activation_norms_by_label(intermediates: Any) -> ActivationNorms:
       pure dict), one scalar per layer group.
 
   Returns:
-    A dict keyed by :func:`ebc_optax.default_layer_labels` of the paths.
+    A dict keyed by :func:`ebc_optax.layers.default_layer_labels` of the paths.
 
   Raises:
     ValueError: when two recorded norms fall in the same layer group.
   """
   if isinstance(intermediates, nnx.State):
     intermediates = nnx.to_pure_dict(intermediates)
-  labels = jax.tree.leaves(ebc_optax.default_layer_labels(intermediates))
+  labels = jax.tree.leaves(ebc_optax.layers.default_layer_labels(intermediates))
   values = jax.tree.leaves(intermediates)
   out: ActivationNorms = {}
   for label, value in zip(labels, values):
@@ -263,7 +263,7 @@ class GPT(nnx.Module):
   With ``record_activations=True`` (under ``nnx.capture``), the call sows one
   activation norm per group: ``tok_embed`` ``‖E[x]‖``, ``pos_embed``
   ``‖P[t]‖``, ``blocks/ℓ`` ``‖h_ℓ‖`` (the block's input) and ``lm_head``
-  ``‖h_L‖`` (the head's input), each :func:`ebc_optax.activation_norm`.
+  ``‖h_L‖`` (the head's input), each :func:`ebc_optax.formulas.activation_norm`.
 
   Args:
     vocab_size: number of token ids ``V``.
@@ -374,7 +374,7 @@ def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
 @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))
 def _scan_blocks(block: Block, h: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``h -> block(h)`` over the stacked blocks; also each block input's norm."""
-  return block(h), ebc_optax.activation_norm(h)
+  return block(h), ebc_optax.formulas.activation_norm(h)
 
 
 # --- MLP classifier ----------------------------------------------------------------
@@ -527,7 +527,7 @@ def make_apply_with_activations(graphdef: nnx.GraphDef, template_state: Any
   One forward pass: the module is called with ``record_activations=True``
   under ``nnx.capture(..., nnx.Intermediate)`` and the sown norms are keyed by
   :func:`activation_norms_by_label`, so the labels match
-  ``ebc_optax.default_layer_labels(params)``. The logits are those of
+  ``ebc_optax.layers.default_layer_labels(params)``. The logits are those of
   :func:`make_apply_fn`. Works under ``jax.jit`` and ``jax.grad`` (return
   the norms as auxiliary output).
 

@@ -29,13 +29,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ebc_optax import _layers
+from ebc_optax import layers
 
 SPECTRAL_METHODS = ("none", "spec_normalize", "hard_cap", "spec_hammer")
 NORM_METHODS = ("power", "svd")
 
 # Path components naming an embedding table (token-wise, as in
-# ``ebc_optax.is_embed_or_output``, but without the output-head names: the
+# ``ebc_optax.layers.is_embed_or_output``, but without the output-head names: the
 # output projection and ``unembed`` matrices are constrained).
 _EMBED_TOKENS = frozenset({"embed", "embeds", "embedding", "embeddings",
                            "wte", "wpe"})
@@ -236,7 +236,7 @@ def is_embedding_path(path: tuple[Any, ...]) -> bool:
     A Python bool.
   """
   for entry in path:
-    if _layers.name_tokens(_layers.key_name(entry)) & _EMBED_TOKENS:
+    if layers.name_tokens(layers.key_name(entry)) & _EMBED_TOKENS:
       return True
   return False
 

@@ -1,14 +1,14 @@
 """The spike suite (``ebc-optax spikes``): damage and recovery after a burst.
 
-Mid-training, for :data:`~ebc_optax.experiments.study.BURST_STEPS` steps from
-step :data:`~ebc_optax.experiments.study.BURST_START` on, the training batches
+Mid-training, for :data:`~ebc_optax.experiments.study_design.BURST_STEPS` steps from
+step :data:`~ebc_optax.experiments.study_design.BURST_START` on, the training batches
 are corrupted or the learning rate spikes (the kinds of
 :mod:`ebc_optax.experiments.bursts`). Every arm runs at LR ×1 of its base (as
 in the study, whose tuning and no-burst runs it shares: use the same
 ``--out``), for every kind and seed, and its run without a burst — same arm,
 same seed, so same initialisation and batches — is the reference. The clean
 validation loss is evaluated just before the burst, right after it and at
-:data:`~ebc_optax.experiments.study.BURST_EVAL_OFFSETS` steps after it.
+:data:`~ebc_optax.experiments.study_design.BURST_EVAL_OFFSETS` steps after it.
 
 Per arm and kind (``spikes.md``, ``spikes.csv``, ``spikes.png``):
 
@@ -39,6 +39,8 @@ import numpy as np
 from ebc_optax.experiments import bursts
 from ebc_optax.experiments import plots
 from ebc_optax.experiments import study
+from ebc_optax.experiments import study_design
+from ebc_optax.experiments import study_stats
 from ebc_optax.experiments import sweeps
 
 KINDS = tuple(k for k in bursts.BURST_KINDS if k != "none")
@@ -49,15 +51,15 @@ EBC_PREFIXES = ("ebc", "fisher", "rel", "skip_")  # arm names drawn solid
 
 def default_arms() -> list[str]:
   """Adam, EBC's default around it and the spike guards it is measured
-  against (:func:`study.guard_arms`)."""
-  return ["adam"] + [a.name for a in study.guard_arms()]
+  against (:func:`study_design.guard_arms`)."""
+  return ["adam"] + [a.name for a in study_design.guard_arms()]
 
 
 def run_spikes(out_dir: pathlib.Path, *, base: dict[str, Any] | None = None,
                steps: int | None = None, arms: Sequence[str] | None = None,
                kinds: Sequence[str] = KINDS,
-               seeds: Sequence[int] = study.SEEDS,
-               tune_lrs: Sequence[float] = study.TUNE_LRS,
+               seeds: Sequence[int] = study_design.SEEDS,
+               tune_lrs: Sequence[float] = study_design.TUNE_LRS,
                progress: bool = True, workers: int = 1,
                tune_extensions: int | None = None,
                finished_only: bool = False) -> dict[str, Any]:
@@ -68,11 +70,11 @@ def run_spikes(out_dir: pathlib.Path, *, base: dict[str, Any] | None = None,
 
   Args:
     out_dir: the study directory (shared with ``ebc-optax study``).
-    base: the base config mapping (default :data:`study.STUDY_BASE`; its
+    base: the base config mapping (default :data:`study_design.STUDY_BASE`; its
       ``train.burst_start``, ``burst_steps`` and ``eval_steps`` place the
       burst and the evaluations around it).
     steps: override ``train.steps``.
-    arms: arm names (any of :func:`study.all_arms`; default the peers).
+    arms: arm names (any of :func:`study_design.all_arms`; default the peers).
     kinds: burst kinds (default all of :data:`KINDS`).
     seeds: seeds (default 0, 1, 2).
     tune_lrs: the LRs of the tuning stage.
@@ -86,8 +88,8 @@ def run_spikes(out_dir: pathlib.Path, *, base: dict[str, Any] | None = None,
   Returns:
     ``{"rows": [...], "table": [...], "figure": path}``.
   """
-  cfg = study._base_config(base or study.STUDY_BASE, steps)
-  known = study.all_arms()
+  cfg = study._base_config(base or study_design.STUDY_BASE, steps)
+  known = study_design.all_arms()
   names = list(arms) if arms is not None else default_arms()
   unknown = sorted(set(names) - set(known))
   bad_kinds = sorted(set(kinds) - set(KINDS))
@@ -116,7 +118,7 @@ def run_spikes(out_dir: pathlib.Path, *, base: dict[str, Any] | None = None,
       found = study.study_arms(cfg, lrs, chosen, (seed,), burst=kind)
       if kind != "none":  # evaluated where its kind is measured only
         points = bursts.eval_points(kind, start, cfg.train.burst_steps,
-                                    study.BURST_EVAL_OFFSETS, total)
+                                    study_design.BURST_EVAL_OFFSETS, total)
         found = [dataclasses.replace(a, cfg=sweeps.with_values(
             a.cfg, train={"eval_steps": list(points)})) for a in found]
       runs += found
@@ -158,7 +160,7 @@ def burst_metrics(run: dict[str, Any], ref: dict[str, Any], *, start: int,
   measured = [x for x in measured if x is not None]
   recovery = next((k for k in offsets if excesses[k] is not None
                    and excesses[k] <= RECOVERY_TOL), None)
-  final = (study._val(run) - study._val(ref))
+  final = (study_stats.val(run) - study_stats.val(ref))
   decisions = list(run.get("burst_decisions") or [])
   bad = {s - start for s in bursts.bad_steps(kind, start, steps)}
   on_bad = [d for i, d in enumerate(decisions) if i in bad]
@@ -187,7 +189,7 @@ def run_length(decisions: Sequence[int]) -> str:
 def spike_table(cfg, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   """One row per (arm, kind): the paired metrics averaged over seeds."""
   start = cfg.train.burst_window[0]
-  offsets = study.BURST_EVAL_OFFSETS
+  offsets = study_design.BURST_EVAL_OFFSETS
   refs = {(r["arm"], r["seed"]): r for r in rows if r.get("burst", "none") == "none"}
   cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
   for r in rows:
@@ -329,7 +331,7 @@ def _share(x: float | None) -> str:
 
 def markdown(table: Sequence[dict[str, Any]], cfg) -> str:
   start = cfg.train.burst_window[0]
-  last = study.BURST_EVAL_OFFSETS[-1]
+  last = study_design.BURST_EVAL_OFFSETS[-1]
   lines = [
       f"Bursts from step {start} of {cfg.train.steps} (LR ×"
       f"{cfg.train.burst_lr_factor:g} for the `lr` kind; windows in "
@@ -382,7 +384,7 @@ def clean_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   out = []
   for arm, rs in sorted(cells.items()):
     steps = sum(max(int(r.get("steps", 0)), 1) for r in rs)
-    vals = [study._val(r) for r in rs]
+    vals = [study_stats.val(r) for r in rs]
     out.append({"arm": arm, "seeds": len(rs),
                 "skipped": sum(int(r.get("guard_skipped", 0)) for r in rs) / steps,
                 "clipped": sum(int(r.get("guard_clipped", 0)) for r in rs) / steps,

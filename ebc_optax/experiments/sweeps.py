@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ebc_optax.experiments import config as config_lib
+from ebc_optax.experiments import optim as optim_lib
 from ebc_optax.experiments import plots
 from ebc_optax.experiments import train as train_lib
 
@@ -195,8 +196,8 @@ def clip_arms(ebc: Sequence[str] | None = None,
     clips = [EBC_TO_CLIP[arm] for arm in ebc]
   clips = list(clips)
   for arm in clips:
-    if arm not in config_lib.CLIPS:
-      raise ValueError(f"--clips values must be in {config_lib.CLIPS}; got {arm!r}.")
+    if arm not in tuple(optim_lib.CLIP_ARMS):
+      raise ValueError(f"--clips values must be in {tuple(optim_lib.CLIP_ARMS)}; got {arm!r}.")
   if not clips:
     raise ValueError("--clips (or --ebc) must name at least one arm.")
   return clips

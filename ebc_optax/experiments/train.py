@@ -32,6 +32,7 @@ from ebc_optax.experiments import data as data_lib
 from ebc_optax.experiments import guards
 from ebc_optax.experiments import model as model_lib
 from ebc_optax.experiments import optim as optim_lib
+from ebc_optax.experiments import writers
 from ebc_optax.experiments import spectral as spectral_lib
 
 EBC_SCALARS = ("c", "S", "tau", "delta", "applied_kl", "rho", "guard_factor",
@@ -85,9 +86,9 @@ def build_run(cfg: config_lib.Config,
   tx = optim_lib.build_optimizer(cfg, fns.apply_fn)
   stacked = optim_lib.stacked_layers(cfg)
   return Run(cfg, dataset, fns.apply_fn, fns.params, tx,
-             ebc_optax.budget_layers(fns.params, stacked=stacked),
+             ebc_optax.layers.budget_layers(fns.params, stacked=stacked),
              fns.apply_with_activations,
-             ebc_optax.budget_layers(fns.params, include_embed_out=True,
+             ebc_optax.layers.budget_layers(fns.params, include_embed_out=True,
                                      stacked=stacked))
 
 
@@ -108,8 +109,9 @@ def make_train_step(run: Run):
   other = (jnp.asarray(bursts.other_distribution(run.dataset.vocab_size))
            if cfg.train.burst == "markov" else None)
   use_ebc = cfg.optim.clip == "ebc"
-  use_energy = cfg.optim.clip == "energy"
-  use_loss = cfg.optim.clip in ("skip_step", "ebc")  # skip-step, wrap's check
+  arm = optim_lib.CLIP_ARMS[cfg.optim.clip]
+  use_energy = arm.needs_activation_norms
+  use_loss = arm.needs_loss
 
   def loss_fn(params, inputs, targets):
     if use_energy:  # the activation norms come from the same forward pass
@@ -341,7 +343,7 @@ def train(
   evaluate = make_eval_fn(run)
   params, opt_state = run.params, run.tx.init(run.params)
   use_ebc = cfg.optim.clip == "ebc"
-  use_energy = cfg.optim.clip == "energy"
+  use_energy = optim_lib.CLIP_ARMS[cfg.optim.clip].needs_activation_norms
   host: dict[str, Any] = {
       "c": [], "probe_kl": [], "probe_kl_ref": [], "durations": [], "cadence": [],
       "evals": [],
@@ -369,7 +371,8 @@ def train(
   t_last = t_start
   prev: tuple[int, Any, Any, Any] | None = None
   last_probe_count = host.get("last_probe_count", 0)
-  log = open(metrics_path, "a", encoding="utf-8")
+  log = writers.MetricWriter(run_dir, tensorboard=cfg.log.tensorboard,
+                             start=start)
 
   eval_steps = set(cfg.train.eval_steps)
   burst_start, burst_len = cfg.train.burst_window
@@ -459,8 +462,7 @@ def train(
       record["tokens_per_s"] = (cfg.train.batch_size * cfg.model.seq_len
                                 * len(recent) / max(sum(recent), 1e-9))
       record["probe_fraction"] = _probe_fraction(host)
-      log.write(json.dumps(record) + "\n")
-      log.flush()
+      log.write(step, record)
       _advance(bar, step + 1, loss, c)
     if diverged or stalled:
       status = "diverged" if diverged else "stalled"

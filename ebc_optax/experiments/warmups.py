@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 import ebc_optax
-from ebc_optax import _layers
+from ebc_optax import layers
 from ebc_optax.experiments import config as config_lib
 from ebc_optax.experiments import data as data_lib
 from ebc_optax.experiments import model as model_lib
@@ -126,7 +126,7 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> DigitsSplit
 
 
 def _path_name(path: tuple[Any, ...]) -> str:
-  names = [_layers.key_name(e) for e in path]
+  names = [layers.key_name(e) for e in path]
   if names and names[-1] == "kernel":
     names = names[:-1]
   return "/".join(names)

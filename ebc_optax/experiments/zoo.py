@@ -729,7 +729,7 @@ def compare(model_name: str, base_name: str, steps: int = 300, seed: int = 0,
 # --- spike guards on the zoo ---------------------------------------------------
 
 # The spike guards measured on zoo models (the harness's names, see
-# ebc_optax.experiments.study.guard_arms), all around Adam.
+# ebc_optax.experiments.study_design.guard_arms), all around Adam.
 GUARDS = ("adam", "ebc_default", "skipstep_kept", "skipstep_leftout", "zclip")
 # Random-token bursts (start, length) of spike_compare: 10 steps, and 50
 # (longer than half of the 32-batch window wrap's gradient check had first).
@@ -836,6 +836,6 @@ def spike_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def budgeted_layers(model_name: str, seed: int = 0) -> tuple[str, ...]:
-  """``ebc_optax.budget_layers`` of the model with its ``stacked`` option."""
+  """``ebc_optax.layers.budget_layers`` of the model with its ``stacked`` option."""
   model = build(model_name, seed)
-  return ebc_optax.budget_layers(model.params, stacked=model.stacked)
+  return ebc_optax.layers.budget_layers(model.params, stacked=model.stacked)

@@ -50,6 +50,7 @@ class KLProbeState(NamedTuple):
       probe measures the step at the radius, ``c = min(1, τ/S)``, so ``ρ`` is
       defined there too.
     probe_count: int32, probes run so far.
+    probed: bool, whether the last update ran a probe.
   """
   clip_state: Any
   controller_state: Any
@@ -61,6 +62,7 @@ class KLProbeState(NamedTuple):
   budgeted_change: jax.Array
   predicted_change: jax.Array
   probe_count: jax.Array
+  probed: jax.Array
 
 
 def measure_applied_change(
@@ -341,7 +343,8 @@ def kl_probe(
         next_kl_target=jnp.asarray(delta0, jnp.float32),
         next_radius_factor=jnp.ones([], jnp.float32),
         applied_kl=zero, applied_change=zero, budgeted_change=zero,
-        predicted_change=zero, probe_count=jnp.zeros([], jnp.int32))
+        predicted_change=zero, probe_count=jnp.zeros([], jnp.int32),
+        probed=jnp.array(False))
 
   def probe(operand, clip_state, updates, params, batch, budgeted, delta,
             target):
@@ -414,6 +417,7 @@ def kl_probe(
                         if controller is not None else target),
         next_radius_factor=factor, applied_kl=applied_kl,
         applied_change=change, budgeted_change=budgeted_change,
-        predicted_change=promised, probe_count=state.probe_count + ran)
+        predicted_change=promised, probe_count=state.probe_count + ran,
+        probed=ran > 0)
 
   return optax.GradientTransformationExtraArgs(init, update)

@@ -41,10 +41,14 @@ class SensitivityState(NamedTuple):
     beta_measured: ``[L]`` bool, whether the layer has been measured at least
       once along a non-zero update.
     beta_cursor: int32, next layer of the round-robin refresh.
+    beta_refreshed: int32, layers measured at the last update: 0, the
+      round-robin's ``probe_layers``, or every layer on a full sweep (what
+      :mod:`ebc_optax.cadence` planned for that step, and ran).
   """
   layer_beta: jax.Array
   beta_measured: jax.Array
   beta_cursor: jax.Array
+  beta_refreshed: jax.Array
 
 
 def init_sensitivity_state(num_layers: int) -> SensitivityState:
@@ -52,6 +56,7 @@ def init_sensitivity_state(num_layers: int) -> SensitivityState:
       layer_beta=jnp.zeros([num_layers], jnp.float32),
       beta_measured=jnp.zeros([num_layers], jnp.bool_),
       beta_cursor=jnp.zeros([], jnp.int32),
+      beta_refreshed=jnp.zeros([], jnp.int32),
   )
 
 
@@ -444,7 +449,8 @@ def sensitivity_estimator(
     cursor = jnp.where(full, state.beta_cursor,
                        (state.beta_cursor + n) % num_layers).astype(jnp.int32)
     return SensitivityState(layer_beta=beta, beta_measured=measured,
-                            beta_cursor=cursor)
+                            beta_cursor=cursor,
+                            beta_refreshed=jnp.asarray(n, jnp.int32))
 
   def linear_change(partition: _layers.LayerPartition, params: Any,
                     updates: Any, batch: Any) -> jax.Array:

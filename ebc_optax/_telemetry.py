@@ -87,11 +87,13 @@ def telemetry(state: Any) -> dict[str, jax.Array]:
       ``tau = sqrt(4·delta)·guard_factor``), ``update_norm``; per layer
       ``[L]`` in :func:`budget_layers` order ``beta`` (smoothed ``β_ℓ``
       before ``safety``) and ``contribution`` (``s_ℓ``); counters ``step``,
-      ``clipped_steps``. With ``aggregate="exact"``: ``S_lin`` (last
+      ``clipped_steps``; ``beta_refreshed``, the layers whose ``β`` the
+      step measured. With ``aggregate="exact"``: ``S_lin`` (last
       ``‖J ΔW‖``) and ``calibration``.
     * The probe (``KLProbeState``): ``applied_kl``, ``applied_change`` (``T``),
       ``budgeted_change`` (``T_b``, the budgeted leaves' share) and ``rho``
-      (``T_b / (c·S)``) at the last probe, ``probe_count``; with the guard
+      (``T_b / (c·S)``) at the last probe, ``probe_count``, ``probed``
+      (whether the last step probed); with the guard
       ``guard_trips``.
     * The relative radius (``RelativeRadiusState``): ``outliers`` (steps
       judged beyond the trend, in all) and ``outlier_run`` (consecutive, up
@@ -133,6 +135,8 @@ def telemetry(state: Any) -> dict[str, jax.Array]:
                             clip.layer_contribution),
       "step": clip.ebc_step,
       "clipped_steps": clip.clipped_steps,
+      # What ran at the last step (ebc_optax.cadence planned it).
+      "beta_refreshed": clip.sensitivity.beta_refreshed,
   }
   if clip.linear_change is not None:
     out["S_lin"] = _when(stepped, clip.linear_change)
@@ -148,6 +152,7 @@ def telemetry(state: Any) -> dict[str, jax.Array]:
                        formulas.guard_ratio(probe.budgeted_change, 1.0,
                                             promised, 0.0))
     out["probe_count"] = probe.probe_count
+    out["probed"] = probe.probed
     if probe.guard_state is not None:
       out["guard_trips"] = probe.guard_state.guard_trips
   rel = _one(state, _relative.RelativeRadiusState)

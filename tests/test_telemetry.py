@@ -12,9 +12,9 @@ from conftest import next_token_loss, tiny_logits_fn
 
 
 ALWAYS = {"c", "S", "tau", "delta", "guard_factor", "update_norm", "beta",
-          "contribution", "step", "clipped_steps"}
+          "contribution", "step", "clipped_steps", "beta_refreshed"}
 PROBE = {"applied_kl", "applied_change", "budgeted_change", "rho",
-         "probe_count"}
+         "probe_count", "probed"}
 RELATIVE = {"outliers", "outlier_run"}  # the default controller
 
 
@@ -140,3 +140,24 @@ def test_unmeasured_layers_read_nan():
                        batch=jnp.ones((2, 3)))
   beta = np.asarray(ebc_optax.telemetry(state)["beta"])
   assert np.isfinite(beta[0]) and beta[0] > 0 and np.isnan(beta[1])
+
+
+def test_what_ran_at_each_step_follows_the_cadence(tiny):
+  """``beta_refreshed`` and ``probed`` say what the step measured: the
+  schedule of :mod:`ebc_optax.cadence`, step by step."""
+  _, params, batch, _ = tiny
+  every = dict(update_every=2, probe_every=3)
+  tx = ebc_optax.wrap(optax.adam(1e-2), tiny_logits_fn, probe_layers=1,
+                      full_sweep_every=6, **every)
+  num_layers = len(ebc_optax.layers.budget_layers(params))
+  state = tx.init(params)
+  grads = jax.tree.map(lambda x: 0.01 * jnp.ones_like(x), params)
+  for step in range(13):
+    _, state = tx.update(grads, state, params, batch=batch)
+    stats = ebc_optax.telemetry(state)
+    kind = ebc_optax.cadence.step_kind(step, sweep_every=6, **every)
+    want = (num_layers if kind.startswith("sweep")
+            else 1 if kind.startswith("refresh") else 0)
+    assert int(stats["beta_refreshed"]) == want, (step, kind)
+    assert bool(stats["probed"]) == ("probe" in kind), (step, kind)
+

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import _mp_worker as worker
+from conftest import TEST_XLA_FLAGS
 import ebc_optax
 
 NUM_PROCESSES = 2
@@ -40,7 +41,8 @@ def _free_port():
 def _child_env():
   env = dict(os.environ)
   # Replace (not extend) the parent's 8-device flag: 4 devices per process.
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4"
+                      + TEST_XLA_FLAGS)
   env["JAX_PLATFORMS"] = "cpu"
   # Import this checkout's ebc_optax even when it is not installed.
   paths = [str(WORKER.parents[1]), env.get("PYTHONPATH", "")]

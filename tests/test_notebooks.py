@@ -10,6 +10,8 @@ import pathlib
 
 import pytest
 
+from conftest import TEST_XLA_FLAGS
+
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 
@@ -27,8 +29,9 @@ def test_committed_without_outputs(name):
 
 def test_experiment_notebook_executes_headless(tmp_path, monkeypatch):
   monkeypatch.setenv("EBC_NOTEBOOK_SMOKE", "1")
-  # One device for the kernel (the tests' 8 simulated devices are not needed).
-  monkeypatch.setenv("XLA_FLAGS", "")
+  # One device for the kernel (the tests' 8 simulated devices are not needed),
+  # compiled as the rest of the suite is (conftest.TEST_XLA_FLAGS).
+  monkeypatch.setenv("XLA_FLAGS", TEST_XLA_FLAGS)
   monkeypatch.setenv("MPLBACKEND", "agg")
   nb = nbformat.read(NOTEBOOKS / "experiment.ipynb", as_version=4)
   client = nbclient.NotebookClient(

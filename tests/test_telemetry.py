@@ -151,9 +151,10 @@ def test_what_ran_at_each_step_follows_the_cadence(tiny):
                       full_sweep_every=6, **every)
   num_layers = len(ebc_optax.layers.budget_layers(params))
   state = tx.init(params)
+  update = jax.jit(tx.update)
   grads = jax.tree.map(lambda x: 0.01 * jnp.ones_like(x), params)
   for step in range(13):
-    _, state = tx.update(grads, state, params, batch=batch)
+    _, state = update(grads, state, params, batch=batch)
     stats = ebc_optax.telemetry(state)
     kind = ebc_optax.cadence.step_kind(step, sweep_every=6, **every)
     want = (num_layers if kind.startswith("sweep")

@@ -137,7 +137,8 @@ def ellipsotope_budget_clip(
       :data:`SEEDS_RECIPE`), ``"trust_region"`` (:func:`trust_region_radius`:
       δ adapted by the ratio of actual to predicted loss decrease; needs
       ``loss_fn``), a :class:`KLController`, or None (fixed ``δ``).
-      Why the relative radius is the default: the *Controllers* guide.
+      Why the relative radius is the default: the
+      :doc:`Controllers </guides/controllers>` guide.
     guard: shrink-only guard on the applied change: ``τ`` times ``min(1,
       1/ρ)`` of the latest probe. None (the default): on with an absolute
       ``δ`` (``"pi"``, ``"trust_region"``, a fixed ``δ``), off with the
@@ -163,8 +164,9 @@ def ellipsotope_budget_clip(
       with ``every_step``) — and is a ``ValueError`` with any other: a fixed
       or target-steered δ that every step exceeds would refuse every step.
       None (the default): ``"skip"`` with such a controller, ``"scale"``
-      with any other (the seeds' clip); the *Controllers* guide has the
-      measurements behind the choice.
+      with any other (the seeds' clip); the
+      :doc:`Controllers </guides/controllers>` guide has the measurements
+      behind the choice.
     axis_name: ``pmap``/``shard_map`` axis name; the JVP norms, the probe's
       KL and ``T`` are all-reduced so every replica applies the same ``c``.
       Not needed under ``jax.jit`` with a sharded batch.

@@ -13,7 +13,8 @@ the applied KL of the probe rows). Three come with the package:
 * :func:`trust_region_radius` — δ adapted by the classic ratio test on the
   probe's loss.
 
-Writing your own: the *Controllers* guide of the documentation.
+Writing your own: the :doc:`Controllers </guides/controllers>` guide of the
+documentation.
 """
 
 from ebc_optax._controller import KLController

@@ -307,6 +307,140 @@ def _summary(cfg: config_lib.Config, host: dict[str, Any], status: str,
   return out
 
 
+def _start(run: Run, run_dir: pathlib.Path, resume: bool
+           ) -> tuple[Any, Any, dict[str, Any], int]:
+  """``(params, opt_state, host, first step)``: fresh, or from the latest
+  checkpoint in ``run_dir`` (``metrics.jsonl`` cut back to it)."""
+  params, opt_state = run.params, run.tx.init(run.params)
+  host: dict[str, Any] = {
+      "c": [], "probe_kl": [], "probe_kl_ref": [], "durations": [], "cadence": [],
+      "evals": [],
+      "last_loss": float("nan"), "last_acc": float("nan"), "steps_done": 0,
+      "entropy_floor": run.dataset.entropy_floor,
+      "layers": list(run.layers)}
+  metrics_path = run_dir / "metrics.jsonl"
+  ckpt = latest_checkpoint(run_dir) if resume else None
+  if ckpt is None:
+    metrics_path.unlink(missing_ok=True)
+    return params, opt_state, host, 0
+  params, opt_state, last, host = restore_checkpoint(ckpt, params, opt_state)
+  host.setdefault("evals", [])
+  if metrics_path.exists():  # drop lines logged after the checkpoint
+    keep = [l for l in metrics_path.read_text().splitlines()
+            if l and json.loads(l)["step"] <= last]
+    metrics_path.write_text("".join(k + "\n" for k in keep))
+  return params, opt_state, host, last + 1
+
+
+class _Recorder:
+  """Consumes each finished step's metrics: the host-side lists of the
+  summary, the logged record (with an evaluation when due) and the decision
+  to stop (``status`` becomes ``"diverged"`` or ``"stalled"``)."""
+
+  def __init__(self, cfg: config_lib.Config, run: Run, host: dict[str, Any],
+               evaluate: Callable, log: writers.MetricWriter, bar: Any):
+    self.cfg, self.run, self.host, self.evaluate = cfg, run, host, evaluate
+    self.log, self.bar = log, bar
+    self.use_ebc = cfg.optim.clip == "ebc"
+    self.use_energy = optim_lib.CLIP_ARMS[cfg.optim.clip].needs_activation_norms
+    self.sweep_every = cadence.sweep_interval(cfg.ebc.full_sweep_every,
+                                              len(run.layers))
+    self.last_probe_count = host.get("last_probe_count", 0)
+    self.status = "ok"
+    self.t_last = time.perf_counter()
+
+  def evaluate_now(self, step: int) -> bool:
+    t = self.cfg.train
+    return (step % t.eval_interval == 0 or step == t.steps - 1
+            or step in t.eval_steps)
+
+  def __call__(self, step: int, metrics: Any, params_after: Any,
+               state_after: Any) -> bool:
+    """Records ``step`` (``params_after``/``state_after``: the parameters and
+    optimizer state after it, for evaluation); False to stop."""
+    m = jax.device_get(metrics)
+    now = time.perf_counter()
+    self.host["durations"].append(now - self.t_last)
+    self.t_last = now
+    loss, acc = float(m["loss"]), float(m["acc"])
+    self.host.update(last_loss=loss, last_acc=acc, steps_done=step + 1)
+    self._tally(step, m)
+    diverged = not math.isfinite(loss) or loss > self.cfg.train.diverge_loss
+    stalled = (self.use_ebc and self.cfg.train.stall_steps > 0 and not diverged
+               and int(m["notfinite_count"]) >= self.cfg.train.stall_steps)
+    if (step % self.cfg.log.log_interval == 0 or self.evaluate_now(step)
+        or diverged or stalled):
+      self.log.write(step, self._record(step, m, params_after, state_after))
+      _advance(self.bar, step + 1, loss, float(m["c"]) if self.use_ebc else None)
+    if diverged or stalled:
+      self.status = "diverged" if diverged else "stalled"
+      return False
+    return True
+
+  def _tally(self, step: int, m: dict[str, Any]) -> None:
+    """The per-step lists and counters of the summary."""
+    host, cfg = self.host, self.cfg
+    decision = int(m["decision"])
+    host.setdefault("decisions", [0, 0, 0])[decision] += 1
+    burst_start, burst_len = cfg.train.burst_window
+    if cfg.train.burst != "none" and burst_start <= step < burst_start + burst_len:
+      host.setdefault("burst_decisions", []).append(decision)
+    if self.use_energy:
+      # Only layers with an activation entry have a ratio (the harness feeds
+      # every layer, so this is all of them).
+      ratios = np.asarray(m["energy_ratio"]).tolist()[:len(self.run.energy_layers)]
+      host.setdefault("energy_ratio_max", []).append(max(ratios) if ratios else 0.0)
+      host["energy_clipped_steps"] = int(m["energy_clipped_steps"])
+    if not self.use_ebc:
+      return
+    host["total_notfinite"] = int(m["total_notfinite"])
+    host["c"].append(float(m["c"]))
+    host["cadence"].append(cadence.measures(
+        int(m["ebc_step"]) - 1, update_every=cfg.ebc.update_every,
+        probe_every=cfg.ebc.probe_every, sweep_every=self.sweep_every))
+    if int(m.get("probe_count", 0)) > self.last_probe_count:
+      host["probe_kl"].append(float(m["applied_kl"]))
+      # What the applied KL should match: the PI controller's target δ*,
+      # otherwise the δ the clip used at this (probed) step (fixed, or
+      # adapted by the trust-region controller); the relative radius's δ
+      # is a threshold, not a target (_summary leaves it out).
+      host["probe_kl_ref"].append(
+          cfg.ebc.target_kl if cfg.ebc.controller == "pi" else float(m["delta"]))
+      self.last_probe_count = int(m["probe_count"])
+
+  def _record(self, step: int, m: dict[str, Any], params_after: Any,
+              state_after: Any) -> dict[str, Any]:
+    """The line of ``metrics.jsonl`` for ``step``."""
+    cfg, host = self.cfg, self.host
+    record: dict[str, Any] = {"step": step,
+                              "train_loss": _finite_or_none(float(m["loss"])),
+                              "train_acc": float(m["acc"]), "lr": cfg.lr}
+    if self.evaluate_now(step):
+      vl, va = (float(v) for v in self.evaluate(params_after, state_after))
+      host["evals"].append([step, _finite_or_none(vl)])
+      record.update(val_loss=_finite_or_none(vl), val_acc=va,
+                    val_ppl=_finite_or_none(math.exp(min(vl, 700.0))))
+    if self.use_ebc:
+      # NaN (not measured yet) is logged as null; absent keys stay absent.
+      record.update({k: _finite_or_none(float(m[k])) for k in EBC_SCALARS
+                     if k in m})
+      record["eta_eff"] = _finite_or_none(float(m["c"]) * cfg.lr)
+      for key in ("beta", "contribution"):
+        record[key] = [_finite_or_none(b) for b in np.asarray(m[key]).tolist()]
+    if self.use_energy:
+      layers = self.run.energy_layers
+      ratios = dict(zip(layers, np.asarray(m["energy_ratio"]).tolist()))
+      record["energy_ratios"] = {k: _finite_or_none(v) for k, v in ratios.items()}
+      record["energy_ratio_max"] = _finite_or_none(host["energy_ratio_max"][-1])
+      record["energy_scale"] = dict(zip(layers, np.asarray(m["energy_scale"]).tolist()))
+      record["energy_clipped_steps"] = host["energy_clipped_steps"]
+    recent = host["durations"][-cfg.log.log_interval:]
+    record["tokens_per_s"] = (cfg.train.batch_size * cfg.model.seq_len
+                              * len(recent) / max(sum(recent), 1e-9))
+    record["probe_fraction"] = _probe_fraction(host)
+    return record
+
+
 def train(
     cfg: config_lib.Config,
     run_dir: str | pathlib.Path,
@@ -339,169 +473,52 @@ def train(
   run = build_run(cfg, dataset)
   config_lib.save(cfg, run_dir / "config.json")
   data_lib.save_vocab(run.dataset.vocab, run_dir / "vocab.json")
-  train_step = make_train_step(run)
-  evaluate = make_eval_fn(run)
-  params, opt_state = run.params, run.tx.init(run.params)
-  use_ebc = cfg.optim.clip == "ebc"
-  use_energy = optim_lib.CLIP_ARMS[cfg.optim.clip].needs_activation_norms
-  host: dict[str, Any] = {
-      "c": [], "probe_kl": [], "probe_kl_ref": [], "durations": [], "cadence": [],
-      "evals": [],
-      "last_loss": float("nan"), "last_acc": float("nan"), "steps_done": 0,
-      "entropy_floor": run.dataset.entropy_floor,
-      "layers": list(run.layers)}
-  start = 0
-  metrics_path = run_dir / "metrics.jsonl"
-  ckpt = latest_checkpoint(run_dir) if resume else None
-  if ckpt is not None:
-    params, opt_state, last, host = restore_checkpoint(ckpt, params, opt_state)
-    host.setdefault("evals", [])
-    start = last + 1
-    if metrics_path.exists():  # drop lines logged after the checkpoint
-      keep = [l for l in metrics_path.read_text().splitlines()
-              if l and json.loads(l)["step"] <= last]
-      metrics_path.write_text("".join(k + "\n" for k in keep))
-  elif metrics_path.exists():
-    metrics_path.unlink()
-
+  train_step, evaluate = make_train_step(run), make_eval_fn(run)
+  params, opt_state, host, start = _start(run, run_dir, resume)
   steps = cfg.train.steps
   stop_at = steps if stop_after is None else min(steps, start + stop_after)
-  status = "ok"
   t_start = time.perf_counter()
-  t_last = t_start
-  prev: tuple[int, Any, Any, Any] | None = None
-  last_probe_count = host.get("last_probe_count", 0)
   log = writers.MetricWriter(run_dir, tensorboard=cfg.log.tensorboard,
                              start=start)
-
-  eval_steps = set(cfg.train.eval_steps)
-  burst_start, burst_len = cfg.train.burst_window
-  burst_end = burst_start + burst_len
-
-  def evaluate_now(step: int) -> bool:
-    return (step % cfg.train.eval_interval == 0 or step == steps - 1
-            or step in eval_steps)
-
-  sweep_every = cadence.sweep_interval(cfg.ebc.full_sweep_every,
-                                       len(run.layers))
-
-  def cadence_step(ebc_step: int) -> bool:
-    return use_ebc and cadence.measures(
-        ebc_step, update_every=cfg.ebc.update_every,
-        probe_every=cfg.ebc.probe_every, sweep_every=sweep_every)
-
-  def handle(step: int, metrics: Any, params_after: Any,
-             state_after: Any) -> bool:
-    """Consumes the (now finished) metrics of ``step``; False to stop.
-
-    ``params_after`` and ``state_after`` are the parameters and optimizer
-    state after ``step`` (for evaluation).
-    """
-    nonlocal t_last, last_probe_count, status
-    m = jax.device_get(metrics)
-    now = time.perf_counter()
-    host["durations"].append(now - t_last)
-    t_last = now
-    loss, acc = float(m["loss"]), float(m["acc"])
-    host["last_loss"], host["last_acc"], host["steps_done"] = loss, acc, step + 1
-    decision = int(m["decision"])
-    counts = host.setdefault("decisions", [0, 0, 0])
-    counts[decision] += 1
-    if cfg.train.burst != "none" and burst_start <= step < burst_end:
-      host.setdefault("burst_decisions", []).append(decision)
-    c = float(m["c"]) if use_ebc else None
-    if use_energy:
-      ratios = dict(zip(run.energy_layers, np.asarray(m["energy_ratio"]).tolist()))
-      scales = dict(zip(run.energy_layers, np.asarray(m["energy_scale"]).tolist()))
-      # Only layers with an activation entry have a ratio (the harness feeds
-      # every layer, so this is all of them).
-      ratio_max = max(ratios.values()) if ratios else 0.0
-      host.setdefault("energy_ratio_max", []).append(ratio_max)
-      host["energy_clipped_steps"] = int(m["energy_clipped_steps"])
-    if use_ebc:
-      host["c"].append(c)
-      host["cadence"].append(cadence_step(int(m["ebc_step"]) - 1))
-      if int(m.get("probe_count", 0)) > last_probe_count:
-        host["probe_kl"].append(float(m["applied_kl"]))
-        # What the applied KL should match: the PI controller's target δ*,
-        # otherwise the δ the clip used at this (probed) step (fixed, or
-        # adapted by the trust-region controller); the relative radius's δ
-        # is a threshold, not a target (_summary leaves it out).
-        host["probe_kl_ref"].append(
-            cfg.ebc.target_kl if cfg.ebc.controller == "pi"
-            else float(m["delta"]))
-        last_probe_count = int(m["probe_count"])
-    diverged = not math.isfinite(loss) or loss > cfg.train.diverge_loss
-    stalled = (use_ebc and cfg.train.stall_steps > 0 and not diverged
-               and int(m["notfinite_count"]) >= cfg.train.stall_steps)
-    if use_ebc:
-      host["total_notfinite"] = int(m["total_notfinite"])
-    if (step % cfg.log.log_interval == 0 or evaluate_now(step)
-        or diverged or stalled):
-      record: dict[str, Any] = {"step": step, "train_loss": _finite_or_none(loss),
-                                "train_acc": acc, "lr": cfg.lr}
-      if evaluate_now(step):
-        vl, va = (float(v) for v in evaluate(params_after, state_after))
-        host["evals"].append([step, _finite_or_none(vl)])
-        record.update(val_loss=_finite_or_none(vl), val_acc=va,
-                      val_ppl=_finite_or_none(math.exp(min(vl, 700.0))))
-      if use_ebc:
-        # NaN (not measured yet) is logged as null; absent keys stay absent.
-        record.update({k: _finite_or_none(float(m[k])) for k in EBC_SCALARS
-                       if k in m})
-        record["eta_eff"] = _finite_or_none(c * cfg.lr)
-        record["beta"] = [_finite_or_none(b) for b in np.asarray(m["beta"]).tolist()]
-        record["contribution"] = [_finite_or_none(b) for b in
-                                  np.asarray(m["contribution"]).tolist()]
-      if use_energy:
-        record["energy_ratios"] = {k: _finite_or_none(v) for k, v in ratios.items()}
-        record["energy_ratio_max"] = _finite_or_none(ratio_max)
-        record["energy_scale"] = scales
-        record["energy_clipped_steps"] = host["energy_clipped_steps"]
-      recent = host["durations"][-cfg.log.log_interval:]
-      record["tokens_per_s"] = (cfg.train.batch_size * cfg.model.seq_len
-                                * len(recent) / max(sum(recent), 1e-9))
-      record["probe_fraction"] = _probe_fraction(host)
-      log.write(step, record)
-      _advance(bar, step + 1, loss, c)
-    if diverged or stalled:
-      status = "diverged" if diverged else "stalled"
-      return False
-    return True
-
   bar = _progress_bar(cfg.log.progress, steps, start, progress_prefix)
+  record = _Recorder(cfg, run, host, evaluate, log, bar)
+
+  def checkpoint(step: int) -> None:
+    host["last_probe_count"] = record.last_probe_count
+    host["probe_fraction"] = _probe_fraction(host)
+    save_checkpoint(run_dir, step, params, opt_state, host)
+
+  # A step's metrics are read after the next step is dispatched, so the
+  # host's bookkeeping overlaps the device's work.
+  prev: tuple[int, Any, Any, Any] | None = None
   try:
     for step in range(start, stop_at):
       params, opt_state, metrics = train_step(params, opt_state, jnp.int32(step))
-      if prev is not None and not handle(*prev):
+      if prev is not None and not record(*prev):
         break
       prev = (step, metrics, params, opt_state)
       if (cfg.train.checkpoint_every and step > start
           and step % cfg.train.checkpoint_every == 0 and step + 1 < stop_at):
-        keep_going = handle(*prev)
-        prev = None
+        keep_going, prev = record(*prev), None
         if not keep_going:
           break
-        host["last_probe_count"] = last_probe_count
-        host["probe_fraction"] = _probe_fraction(host)
-        save_checkpoint(run_dir, step, params, opt_state, host)
-    if prev is not None and status == "ok":
-      handle(*prev)
+        checkpoint(step)
+    if prev is not None and record.status == "ok":
+      record(*prev)
   finally:
     log.close()
     if bar is not None:
       bar.close()
-  host["last_probe_count"] = last_probe_count
+  host["last_probe_count"] = record.last_probe_count
   host["probe_fraction"] = _probe_fraction(host)
   wall = time.perf_counter() - t_start
-  if status == "ok":
-    last_step = host["steps_done"] - 1
-    save_checkpoint(run_dir, last_step, params, opt_state, host)
+  if record.status == "ok":
+    checkpoint(host["steps_done"] - 1)
     if stop_at < steps:
       return {"status": "stopped", "steps": host["steps_done"]}
-  val = (tuple(float(v) for v in evaluate(params, opt_state)) if status == "ok"
-         else None)
-  summary = _summary(cfg, host, status, val, wall)
+  val = (tuple(float(v) for v in evaluate(params, opt_state))
+         if record.status == "ok" else None)
+  summary = _summary(cfg, host, record.status, val, wall)
   (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary
 

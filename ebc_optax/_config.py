@@ -84,8 +84,8 @@ class EBCConfig:
 
   @classmethod
   def seeds(cls) -> "EBCConfig":
-    """The seed documents' recipe (:data:`~ebc_optax.SEEDS_RECIPE`) as a
-    config; the seeds' runners of the harness start from it."""
+    """The reference recipe (:data:`~ebc_optax.SEEDS_RECIPE`) as a
+    config; the harness's reference runners start from it."""
     return dataclasses.replace(cls(), **_recipes.SEEDS_RECIPE)
 
   def to_mapping(self) -> dict[str, Any]:

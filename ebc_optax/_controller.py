@@ -91,7 +91,8 @@ def pi_controller(
     delta_max: float = 0.30,
     max_log_error: float = math.log(10.0),
 ) -> KLController:
-  r"""The seeds' PI controller on the applied per-token KL, in log space.
+  r"""The reference recipe's PI controller on the applied per-token KL, in log
+  space.
 
   .. math::
     e = \log\delta^* - \log \widehat{\mathrm{KL}},\quad

@@ -1,13 +1,14 @@
 """Named recipes: complete sets of EBC keyword arguments.
 
-``SEEDS_RECIPE`` is the seed documents' corrected recipe, the defaults of
+``SEEDS_RECIPE`` is the reference recipe (the method write-up's corrected
+recipe, the *seed documents* of this project), the defaults of
 this package's first releases: the triangle-inequality surrogate (L1) in the
 centered-logit bound metric, β refreshed round-robin by ``jax.jvp`` (2 layers
 every 20 steps, a full sweep every 200, EMA 0.9, safety 1.05), and a PI
 controller on the applied KL (δ* = 0.05 nats/token, k_p = 0.15, k_i = 0.02,
 half-life 250 steps, δ clamped to [0.01, 0.30]) with the shrink-only guard,
 probing every 20 steps on a quarter of the batch. Use it to reproduce the
-seeds' behaviour::
+write-up's behaviour::
 
   tx = ebc_optax.wrap(optax.adam(lr), logits_fn, **ebc_optax.SEEDS_RECIPE)
 

@@ -369,8 +369,9 @@ def sensitivity_estimator(
     center_logits: center logit changes per token before taking norms.
     fd_step: relative finite-difference step (``sensitivity="fd"``).
     kl: metric of the logit change: ``"bound"`` (centered Euclidean, the
-      seeds') or ``"fisher"`` (``sqrt(2·Var_p)``, the softmax Fisher norm at
-      the current logits); see :func:`~ebc_optax.formulas.change_sq_sum`.
+      reference recipe's) or ``"fisher"`` (``sqrt(2·Var_p)``, the softmax Fisher
+      norm at the current logits); see
+      :func:`~ebc_optax.formulas.change_sq_sum`.
     axis_name: ``pmap``/``shard_map`` axis to all-reduce over.
     probe_batch_size: rows of ``batch`` the measurements use (β, ``‖J ΔW‖``
       and the probe of :func:`~ebc_optax.advanced.kl_probe`): a float in ``(0, 1]``

@@ -21,7 +21,7 @@ from ebc_optax import _validation
 from ebc_optax import formulas
 
 CONTROLLERS = (None, "pi", "trust_region", "relative")
-DEFAULT_TARGET_KL = 0.05  # δ* of the seeds' recipe
+DEFAULT_TARGET_KL = 0.05  # δ* of the reference recipe
 
 
 def ellipsotope_budget_clip(
@@ -67,13 +67,13 @@ def ellipsotope_budget_clip(
   ``S`` bounds the per-token RMS of the linearised centered logit change, and
   ``KL ≲ ¼‖center(dz)‖²``, so the clipped step keeps the mean per-token KL at
   most ``δ`` (to second order). Per-token normalisation makes ``τ`` and ``S``
-  independent of the batch size: the seeds' ``τ = sqrt(4Bδ)`` over ``B``
-  tokens is ours times ``√B`` (``c`` is identical).
+  independent of the batch size: the reference recipe's ``τ = sqrt(4Bδ)`` over
+  ``B`` tokens is ours times ``√B`` (``c`` is identical).
 
-  Two modes go beyond the seeds (same API): ``aggregate="exact"`` replaces
-  the triangle-inequality surrogate by the linearised change of the whole
-  update, ``S = ‖J ΔW‖``, from one JVP; ``kl="fisher"`` measures changes in
-  the softmax Fisher norm ``sqrt(2·Var_p(dz))`` instead of the centered
+  Two modes go beyond the reference recipe (same API): ``aggregate="exact"``
+  replaces the triangle-inequality surrogate by the linearised change of the
+  whole update, ``S = ‖J ΔW‖``, from one JVP; ``kl="fisher"`` measures changes
+  in the softmax Fisher norm ``sqrt(2·Var_p(dz))`` instead of the centered
   Euclidean norm, so ``S²/4`` is the quadratic KL itself rather than a bound
   on it and ``δ`` becomes the predicted KL of the clipped step (KL scales
   with ``c²``). ``aggregate="exact", kl="fisher"`` sets ``c`` so that the
@@ -95,22 +95,23 @@ def ellipsotope_budget_clip(
       leading axis counts as a token.
     target_kl: ``δ*`` in nats/token (> 0): the applied-KL target of the PI
       controller, the starting ``δ`` of the trust-region radius, or the fixed
-      ``δ`` when ``controller=None``; None: the seeds' 0.05 for those. The
-      default relative radius has no target, so a ``target_kl`` given with
-      it is a ``ValueError`` (rather than a number silently unused).
+      ``δ`` when ``controller=None``; None: the reference recipe's 0.05 for
+      those. The default relative radius has no target, so a ``target_kl`` given
+      with it is a ``ValueError`` (rather than a number silently unused).
     update_every: steps between round-robin ``β`` refreshes (>= 1).
     probe_layers: layers per refresh (>= 1).
     full_sweep_every: steps between full ``β`` sweeps (>= 0; 0/None: only the
       first update and never-measured layers); ``"auto"`` (the default):
-      200 per 8 budgeted layers, ``200·⌈L/8⌉`` — the seeds' 200 up to 8
-      layers, and a sweep's share of the steps that does not grow with depth.
+      200 per 8 budgeted layers, ``200·⌈L/8⌉`` — the reference recipe's 200 up
+      to 8 layers, and a sweep's share of the steps that does not grow with
+      depth.
     beta_ema: ``β`` EMA decay in ``[0, 1)``.
     safety: multiplier on ``β`` (> 0).
     aggregate: ``"l1"`` (``Σ s_ℓ``), ``"l2"`` (``√L·‖s‖₂``) or ``"exact"``
       (``‖J ΔW‖`` from one JVP of the whole update; no β needed).
-    kl: ``"bound"`` (centered Euclidean metric, ``KL ≤ S²/4``; the seeds') or
-      ``"fisher"`` (Fisher metric, ``KL ≈ S²/4``); applies to ``β``, ``S``
-      and the probe's ``T``.
+    kl: ``"bound"`` (centered Euclidean metric, ``KL ≤ S²/4``; the reference
+      recipe's) or ``"fisher"`` (Fisher metric, ``KL ≈ S²/4``); applies to
+      ``β``, ``S`` and the probe's ``T``.
     exact_every: steps between ``‖J ΔW‖`` measurements with
       ``aggregate="exact"`` (>= 1, static); in between, the L1 β-surrogate
       rescaled by the last ``‖J ΔW‖ / S_L1``.
@@ -122,18 +123,18 @@ def ellipsotope_budget_clip(
     fd_step: relative finite-difference step (> 0).
     probe_batch_size: rows of ``batch`` used for ``β``, ``‖J ΔW‖`` and the
       probe: a float ``f`` in ``(0, 1]`` takes every ``round(1/f)``-th row
-      (default every 4th, the seeds' "tiny probe batch"), an int ``n`` every
-      ``R // n``-th row (the first ``n``), None all rows. Only leaves whose
-      leading size is the logits' leading size ``R`` are sliced; the same
-      strided rule holds per replica under ``pmap`` / ``shard_map`` and on the
-      global batch under ``jax.jit`` (see ``ebc_optax._rows``).
+      (default every 4th, the reference recipe's "tiny probe batch"), an int
+      ``n`` every ``R // n``-th row (the first ``n``), None all rows. Only
+      leaves whose leading size is the logits' leading size ``R`` are sliced;
+      the same strided rule holds per replica under ``pmap`` / ``shard_map`` and
+      on the global batch under ``jax.jit`` (see ``ebc_optax._rows``).
     probe_batch_fn: ``batch -> probe batch``, replacing that rule (for
       batches with a leaf that has ``R`` leading entries but no rows).
     controller: ``"relative"`` (the default, :func:`relative_radius`: δ a
       multiple of the median predicted KL, before clipping, of the last
       steps, so ordinary steps pass and outliers are cut; ``target_kl``
-      unused), ``"pi"`` (:func:`pi_controller` with the seeds' gains: steers
-      the applied KL to ``target_kl``; the seeds' recipe,
+      unused), ``"pi"`` (:func:`pi_controller` with the reference recipe's
+      gains: steers the applied KL to ``target_kl``; the reference recipe,
       :data:`SEEDS_RECIPE`), ``"trust_region"`` (:func:`trust_region_radius`:
       δ adapted by the ratio of actual to predicted loss decrease; needs
       ``loss_fn``), a :class:`KLController`, or None (fixed ``δ``).
@@ -164,7 +165,7 @@ def ellipsotope_budget_clip(
       with ``every_step``) — and is a ``ValueError`` with any other: a fixed
       or target-steered δ that every step exceeds would refuse every step.
       None (the default): ``"skip"`` with such a controller, ``"scale"``
-      with any other (the seeds' clip); the
+      with any other (the reference recipe's clip); the
       :doc:`Controllers </guides/controllers>` guide has the measurements
       behind the choice.
     axis_name: ``pmap``/``shard_map`` axis name; the JVP norms, the probe's
@@ -213,7 +214,7 @@ def ellipsotope_budget_clip(
         f"target_kl={target_kl!r} is unused by the relative radius "
         "(controller='relative', the default), which sets δ from the recent "
         "steps: pass controller='pi' to steer the applied KL to target_kl "
-        "(the seeds' recipe, ebc_optax.SEEDS_RECIPE), controller=None for a "
+        "(the reference recipe, ebc_optax.SEEDS_RECIPE), controller=None for a "
         "fixed δ = target_kl, or leave target_kl out.")
   if target_kl is None:
     target_kl = DEFAULT_TARGET_KL

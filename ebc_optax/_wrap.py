@@ -94,9 +94,10 @@ def wrap(
 ) -> optax.GradientTransformationExtraArgs:
   """EBC around a base optimizer: ``base -> ellipsotope_budget_clip -> after``.
 
-  The front door (the seeds' "a wrapper around any base optimizer"): the base
-  proposes the step, EBC scales it by ``c = min(1, τ/S)``, and ``after`` —
-  e.g. decoupled weight decay, which should not be clipped — is added last.
+  The front door (the reference recipe's "a wrapper around any base optimizer"):
+  the base proposes the step, EBC scales it by ``c = min(1, τ/S)``, and
+  ``after`` — e.g. decoupled weight decay, which should not be clipped — is
+  added last.
 
   The gradient is checked *before* the base optimizer sees it, as
   ``optax.apply_if_finite`` does: a gradient with a NaN/Inf leaf gives a zero

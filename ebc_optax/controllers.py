@@ -9,7 +9,7 @@ the applied KL of the probe rows). Three come with the package:
 
 * :func:`relative_radius` (the default) — δ relative to the trend of the base
   optimizer's own recent steps; an outlier step is refused;
-* :func:`pi_controller` — the seed documents' PI loop on the applied KL;
+* :func:`pi_controller` — the reference recipe's PI loop on the applied KL;
 * :func:`trust_region_radius` — δ adapted by the classic ratio test on the
   probe's loss.
 

@@ -10,9 +10,9 @@ closes over one; each takes and returns arrays (float32 unless said).
 Units: every logit-space size is *per token*, a sum over tokens divided by
 their count (all-reduced over ``axis_name`` where a function takes one), so
 no number depends on the batch size: ``τ = sqrt(4δ)`` on these per-token
-RMS norms is the seeds' ``τ = sqrt(4·B·δ)`` on a batch of ``B`` tokens,
-divided by ``sqrt(B)``. ``S`` is the surrogate bound on the change of the
-centered logits, ``τ`` the trust radius, ``c`` the scale of the step, ``δ``
+RMS norms is the reference recipe's ``τ = sqrt(4·B·δ)`` on a batch of ``B``
+tokens, divided by ``sqrt(B)``. ``S`` is the surrogate bound on the change of
+the centered logits, ``τ`` the trust radius, ``c`` the scale of the step, ``δ``
 the KL target (nats/token), ``T`` a measured change.
 
 .. rubric:: Formula map
@@ -240,10 +240,11 @@ def change_sq_sum(dz: jax.Array, z: jax.Array | None = None, *,
                   kl: str = "bound", center: bool = True) -> jax.Array:
   """Squared size of a logit change in the metric of the ``kl`` mode.
 
-  ``kl="bound"``: ``Σ_t ‖center(dz_t)‖²`` (the seeds' metric; ``¼`` of it
-  bounds the KL). ``kl="fisher"``: :func:`fisher_sq_sum` at logits ``z`` (``¼``
-  of it is the KL to second order). Either way a per-token RMS ``r`` of this
-  size predicts a KL of ``r²/4`` nats/token, so ``τ = sqrt(4δ)`` serves both.
+  ``kl="bound"``: ``Σ_t ‖center(dz_t)‖²`` (the reference recipe's metric; ``¼``
+  of it bounds the KL). ``kl="fisher"``: :func:`fisher_sq_sum` at logits ``z``
+  (``¼`` of it is the KL to second order). Either way a per-token RMS ``r`` of
+  this size predicts a KL of ``r²/4`` nats/token, so ``τ = sqrt(4δ)`` serves
+  both.
 
   Example:
     >>> import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""``SEEDS_RECIPE``: the seed documents' recipe, piece by piece."""
+"""``SEEDS_RECIPE``: the reference recipe, piece by piece."""
 
 import jax
 import numpy as np
@@ -22,8 +22,8 @@ def _blocks_only(params):
 
 
 def test_seeds_recipe_is_the_seeds_pieces_with_their_gains(tiny):
-  """The recipe through wrap equals the seeds' composition assembled by hand:
-  L1 surrogate in the bound metric, PI controller (k_p 0.15, k_i 0.02,
+  """The recipe through wrap equals the reference recipe's composition assembled
+  by hand: L1 surrogate in the bound metric, PI controller (k_p 0.15, k_i 0.02,
   half-life 250, δ in [0.01, 0.30]) and the guard, probing every 20 steps."""
   _, params, batch, _ = tiny
   est = ebc_optax.advanced.sensitivity_estimator(

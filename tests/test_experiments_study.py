@@ -181,15 +181,13 @@ def test_an_lr_burst_hits_the_step_and_the_average_on_the_same_steps():
 
 def test_study_runs_every_stage_resumes_and_reports(tmp_path):
   out = tmp_path / "study"
-  # One tuning LR: the grid's search is tested on its own (a fake trainer,
-  # test_tuning_extends_a_grid_whose_edge_holds_the_best).
-  kw = dict(base=_base(), seeds=(0,), tune_lrs=(3e-3,), lr_scales=(1.0, 8.0),
+  kw = dict(base=_base(), seeds=(0,), tune_lrs=(1e-3, 3e-3), lr_scales=(1.0, 8.0),
             only=("adam", "prodigy", "fisher_prodigy_d0.01", "fisher_d0.01",
                   "fisher_tr_d0.01", "fisher_pi"),
             tune_extensions=0, progress=False)
   result = study.run_study(out, **kw)
   lrs = result["lrs"]
-  assert lrs["adam"] == 3e-3 and lrs["prodigy"] == 1.0
+  assert lrs["adam"] in (1e-3, 3e-3) and lrs["prodigy"] == 1.0
   arms = {(r["arm"], r["lr_scale"]) for r in result["rows"]}
   assert {("adam", 1.0), ("adam", 8.0), ("prodigy", 8.0), ("fisher_pi", 1.0),
           ("fisher_prodigy_d0.01", 8.0), ("fisher_tr_d0.01", 8.0)} <= arms
@@ -203,8 +201,7 @@ def test_study_runs_every_stage_resumes_and_reports(tmp_path):
   for name in ("val_vs_lr.png", "curves_x2.png", "curves_x4.png", "tr_delta.png"):
     assert (out / name).stat().st_size > 0
   with open(out / "study.csv") as f:
-    # The study's runs and the tuning runs.
-    assert len(list(csv.DictReader(f))) == len(result["rows"]) + len(kw["tune_lrs"])
+    assert len(list(csv.DictReader(f))) == len(result["rows"]) + 2
   # A rerun trains nothing: every run is read back from its summary.json.
   stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
   again = study.run_study(out, **kw)

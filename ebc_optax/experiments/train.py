@@ -509,11 +509,11 @@ def train(
     log.close()
     if bar is not None:
       bar.close()
+  wall = time.perf_counter() - t_start
   host["last_probe_count"] = record.last_probe_count
   host["probe_fraction"] = _probe_fraction(host)
-  wall = time.perf_counter() - t_start
   if record.status == "ok":
-    checkpoint(host["steps_done"] - 1)
+    save_checkpoint(run_dir, host["steps_done"] - 1, params, opt_state, host)
     if stop_at < steps:
       return {"status": "stopped", "steps": host["steps_done"]}
   val = (tuple(float(v) for v in evaluate(params, opt_state))

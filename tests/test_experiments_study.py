@@ -202,6 +202,10 @@ def test_study_runs_every_stage_resumes_and_reports(tmp_path):
     assert (out / name).stat().st_size > 0
   with open(out / "study.csv") as f:
     assert len(list(csv.DictReader(f))) == len(result["rows"]) + 2
+  # study.json keeps the keys it has always had (noise_floor: None with one seed).
+  saved = json.loads((out / "study.json").read_text())
+  assert set(saved) == {"lrs", "baseline", "noise_floor", "summary"}
+  assert saved["lrs"] == lrs and saved["noise_floor"] is None
   # A rerun trains nothing: every run is read back from its summary.json.
   stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
   again = study.run_study(out, **kw)

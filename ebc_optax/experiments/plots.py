@@ -16,6 +16,14 @@ def _pyplot():
   return plt
 
 
+def save(fig, path: pathlib.Path) -> pathlib.Path:
+  """Lays out, writes (100 dpi) and closes ``fig``; returns ``path``."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  _pyplot().close(fig)
+  return path
+
+
 def read_metrics(run_dir: pathlib.Path) -> list[dict[str, Any]]:
   path = pathlib.Path(run_dir) / "metrics.jsonl"
   if not path.exists():
@@ -46,10 +54,7 @@ def run_figures(run_dir: pathlib.Path, out_dir: pathlib.Path | None = None,
   ax.set_ylabel("loss (nats/token)")
   ax.set_title(name)
   ax.legend()
-  fig.tight_layout()
-  written.append(out_dir / f"{name}_loss.png")
-  fig.savefig(written[-1], dpi=100)
-  plt.close(fig)
+  written.append(save(fig, out_dir / f"{name}_loss.png"))
   ebc = [r for r in records if "c" in r]
   if ebc:
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
@@ -66,10 +71,7 @@ def run_figures(run_dir: pathlib.Path, out_dir: pathlib.Path | None = None,
     ax2.set_xlabel("step")
     ax2.set_ylabel("nats/token")
     ax2.legend()
-    fig.tight_layout()
-    written.append(out_dir / f"{name}_clip.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    written.append(save(fig, out_dir / f"{name}_clip.png"))
   return written
 
 
@@ -86,10 +88,7 @@ def pareto(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> pathlib.Path |
     ax.annotate(name, (c, ppl), fontsize=6)
   ax.set_xlabel("average c")
   ax.set_ylabel("validation perplexity")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return save(fig, path)
 
 
 def sweep_figures(sweep_dir: pathlib.Path, names: Sequence[str]) -> list[pathlib.Path]:

@@ -482,11 +482,7 @@ def figure(out_dir: pathlib.Path, cfg, rows: Sequence[dict[str, Any]]
     ax.set_xlabel("step")
   axes[0][0].set_ylabel("val loss − same run without burst (nats)")
   axes[0][-1].legend(fontsize=6)
-  fig.tight_layout()
-  path = out_dir / "spikes.png"
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return plots.save(fig, out_dir / "spikes.png")
 
 
 def spike_report(out_dir: pathlib.Path, cfg, rows: Sequence[dict[str, Any]]

@@ -179,19 +179,12 @@ def _run_metrics(out_dir: pathlib.Path, run: str) -> list[dict[str, Any]]:
   return plots.read_metrics(path) if (path / "metrics.jsonl").exists() else []
 
 
-def figures(out_dir: pathlib.Path, rows: Sequence[dict[str, Any]],
-            summary: Sequence[dict[str, Any]], baseline: float | None) -> list[pathlib.Path]:
-  """val loss vs LR scale per arm; train-loss curves at ×2 and ×4; δ of the
-  trust-region arm over training."""
-  plt = plots._pyplot()
-  paths = []
-  rows = [r for r in rows if r.get("burst", "none") == "none"]
-  main = {s["arm"] for s in summary
-          if all(any(t["arm"] == s["arm"] and t["lr_scale"] == x for t in summary)
-                 for x in design.LR_SCALES) or s["arm"] == "energy"}
+def _style(arm: str) -> str:
+  return "--" if arm.startswith("fisher_tr") else "-"
+
+
+def _val_vs_lr_figure(plt, path, summary, main, colors, baseline):
   fig, ax = plt.subplots(figsize=(8, 5))
-  # tab20: the 10-colour default cycle repeats with this many arms.
-  colors = {arm: plt.cm.tab20(i % 20) for i, arm in enumerate(sorted(main))}
   for arm in sorted(main):
     ss = sorted((s for s in summary if s["arm"] == arm), key=lambda s: s["lr_scale"])
     xs = [s["lr_scale"] for s in ss]
@@ -199,8 +192,7 @@ def figures(out_dir: pathlib.Path, rows: Sequence[dict[str, Any]],
           else np.nan for s in ss]
     err = [s["val_loss_spread"] or 0.0 for s in ss]
     ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=3, label=arm,
-                color=colors[arm],
-                ls="--" if arm.startswith("fisher_tr") else "-")
+                color=colors[arm], ls=_style(arm))
   if baseline is not None:
     ax.axhline(baseline, color="k", lw=0.8, ls="--", label="tuned adam ×1")
     ax.axhline(1.01 * baseline, color="k", lw=0.5, ls=":", label="+1%")
@@ -211,62 +203,77 @@ def figures(out_dir: pathlib.Path, rows: Sequence[dict[str, Any]],
   ax.set_xlabel("LR scale (×1 = the base's LR ×1: tuned, or Prodigy's default)")
   ax.set_ylabel("final val loss (nats/char)")
   ax.legend(fontsize=7, ncol=2)
-  fig.tight_layout()
-  paths.append(out_dir / "val_vs_lr.png")
-  fig.savefig(paths[-1], dpi=100)
-  plt.close(fig)
-  for scale in (2.0, 4.0):
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
-      if (r.get("arm") not in main or float(r["lr_scale"]) != scale
-          or r["seed"] != 0):
+  return plots.save(fig, path)
+
+
+def _curves_figure(plt, out_dir, scale, rows, main, colors, baseline):
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for r in rows:
+    if (r.get("arm") not in main or float(r["lr_scale"]) != scale
+        or r["seed"] != 0):
+      continue
+    ms = [m for m in _run_metrics(out_dir, r["run"]) if "train_loss" in m]
+    if not ms:
+      continue
+    steps = np.array([m["step"] for m in ms])
+    loss = np.array([m["train_loss"] if m["train_loss"] is not None else np.nan
+                     for m in ms], np.float64)
+    k = min(10, len(loss))
+    smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+    ax.plot(steps[k - 1:], smooth, label=r["arm"], lw=1, color=colors[r["arm"]],
+            ls=_style(r["arm"]))
+  ax.set_xlabel("step")
+  ax.set_ylabel("train loss (moving average of 10 logs)")
+  ax.set_title(f"LR ×{scale:g}, seed 0")
+  if baseline is not None:
+    ax.set_ylim(baseline - 0.2, baseline + 1.0)
+  if ax.lines:
+    ax.legend(fontsize=7, ncol=2)
+  return plots.save(fig, out_dir / f"curves_x{scale:g}.png")
+
+
+def _tr_delta_figure(plt, out_dir, tr_rows):
+  fig, axes = plt.subplots(1, len(design.LR_SCALES), figsize=(12, 3.6), sharey=True)
+  axes = np.atleast_1d(axes)
+  for ax, scale in zip(axes, design.LR_SCALES):
+    for r in sorted(tr_rows, key=lambda r: r["arm"]):
+      if float(r["lr_scale"]) != scale:
         continue
-      ms = [m for m in _run_metrics(out_dir, r["run"]) if "train_loss" in m]
-      if not ms:
-        continue
-      steps = np.array([m["step"] for m in ms])
-      loss = np.array([m["train_loss"] if m["train_loss"] is not None else np.nan
-                       for m in ms], np.float64)
-      k = min(10, len(loss))
-      smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-      ax.plot(steps[k - 1:], smooth, label=r["arm"], lw=1, color=colors[r["arm"]],
-              ls="--" if r["arm"].startswith("fisher_tr") else "-")
+      ms = [m for m in _run_metrics(out_dir, r["run"]) if "delta" in m]
+      if ms:
+        ax.plot([m["step"] for m in ms], [m["delta"] for m in ms], lw=1,
+                label=r["arm"].replace(design.TR_PREFIX, "start δ="))
+    for d in design.FISHER_DELTAS:
+      ax.axhline(d, color="0.6", lw=0.6, ls=":")
+    ax.set_yscale("log")
+    ax.set_title(f"LR ×{scale:g}")
     ax.set_xlabel("step")
-    ax.set_ylabel("train loss (moving average of 10 logs)")
-    ax.set_title(f"LR ×{scale:g}, seed 0")
-    if baseline is not None:
-      ax.set_ylim(baseline - 0.2, baseline + 1.0)
-    if ax.lines:
-      ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    paths.append(out_dir / f"curves_x{scale:g}.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+  axes[0].set_ylabel("δ (nats/token)")
+  axes[0].legend(fontsize=7)
+  fig.suptitle("trust-region radius δ over training (seed 0; dotted: the "
+               "fixed-δ arms)", fontsize=9)
+  return plots.save(fig, out_dir / "tr_delta.png")
+
+
+def figures(out_dir: pathlib.Path, rows: Sequence[dict[str, Any]],
+            summary: Sequence[dict[str, Any]], baseline: float | None) -> list[pathlib.Path]:
+  """val loss vs LR scale per arm; train-loss curves at ×2 and ×4; δ of the
+  trust-region arm over training."""
+  plt = plots._pyplot()
+  rows = [r for r in rows if r.get("burst", "none") == "none"]
+  main = {s["arm"] for s in summary
+          if all(any(t["arm"] == s["arm"] and t["lr_scale"] == x for t in summary)
+                 for x in design.LR_SCALES) or s["arm"] == "energy"}
+  # tab20: the 10-colour default cycle repeats with this many arms.
+  colors = {arm: plt.cm.tab20(i % 20) for i, arm in enumerate(sorted(main))}
+  paths = [_val_vs_lr_figure(plt, out_dir / "val_vs_lr.png", summary, main,
+                             colors, baseline)]
+  paths += [_curves_figure(plt, out_dir, scale, rows, main, colors, baseline)
+            for scale in (2.0, 4.0)]
   tr_rows = [r for r in rows if str(r.get("arm", "")).startswith(design.TR_PREFIX)
              and r["seed"] == 0]
   if tr_rows:
-    fig, axes = plt.subplots(1, len(design.LR_SCALES), figsize=(12, 3.6), sharey=True)
-    for ax, scale in zip(np.atleast_1d(axes), design.LR_SCALES):
-      for r in sorted(tr_rows, key=lambda r: r["arm"]):
-        if float(r["lr_scale"]) != scale:
-          continue
-        ms = [m for m in _run_metrics(out_dir, r["run"]) if "delta" in m]
-        if ms:
-          ax.plot([m["step"] for m in ms], [m["delta"] for m in ms], lw=1,
-                  label=r["arm"].replace(design.TR_PREFIX, "start δ="))
-      for d in design.FISHER_DELTAS:
-        ax.axhline(d, color="0.6", lw=0.6, ls=":")
-      ax.set_yscale("log")
-      ax.set_title(f"LR ×{scale:g}")
-      ax.set_xlabel("step")
-    np.atleast_1d(axes)[0].set_ylabel("δ (nats/token)")
-    np.atleast_1d(axes)[0].legend(fontsize=7)
-    fig.suptitle("trust-region radius δ over training (seed 0; dotted: the "
-                 "fixed-δ arms)", fontsize=9)
-    fig.tight_layout()
-    paths.append(out_dir / "tr_delta.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(_tr_delta_figure(plt, out_dir, tr_rows))
   return paths
 
 
@@ -312,7 +319,7 @@ def report(out_dir: pathlib.Path, lrs: dict[str, float] | float,
     text += ["## How much each arm depends on its knob", ""] + knob_text
   (out_dir / "study.md").write_text("\n".join(text))
   (out_dir / "study.json").write_text(json.dumps(
-      {"lrs": lrs, "baseline": baseline, "stats.noise_floor": floor,
+      {"lrs": lrs, "baseline": baseline, "noise_floor": floor,
        "summary": summary}, indent=2) + "\n")
   figs = figures(out_dir, rows, summary, baseline)
   return {"lrs": lrs, "lr": lrs.get("adam"), "baseline": baseline,

@@ -10,6 +10,8 @@ working directory) and compares what they wrote:
   value by value (numbers: the largest absolute difference; other values:
   equal or not), leaving out what differs between any two runs — wall times,
   throughput, dates, paths and the package version;
+* every ``.png`` figure there, byte by byte (both revisions draw with the
+  same matplotlib);
 * the job's standard output where the job's results are printed there
   (``ablate``'s CSV, ``sample``'s text), with the same columns left out.
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -44,6 +47,7 @@ from revisions import export  # benchmarks/revisions.py: this script's folder
 VOLATILE = re.compile(r"wall|time|tokens_per_s|steps_per_s|date|path|dir$|"
                       r"version|elapsed|seconds|_s$|durations|probe_fraction",
                       re.I)
+COMPARED = (".json", ".jsonl", ".csv", ".png")
 CLI = "import sys; from ebc_optax.experiments import cli; sys.exit(cli.main(sys.argv[1:]))"
 SPIKES = """
 import json, pathlib, sys
@@ -105,9 +109,12 @@ def run_job(tree: pathlib.Path, out_root: pathlib.Path, name: str) -> str:
 
 def records(path: pathlib.Path | None, text: str | None = None,
             suffix: str | None = None) -> list:
-  """The file's (or the text's) values as a flat list of (key, value)."""
-  text = path.read_text() if text is None else text
+  """The file's (or the text's) values as a flat list of (key, value); a
+  figure's is its bytes' hash."""
   suffix = suffix or path.suffix
+  if suffix == ".png":
+    return [("sha256", hashlib.sha256(path.read_bytes()).hexdigest())]
+  text = path.read_text() if text is None else text
   if suffix == ".json":
     items = [json.loads(text)]
   elif suffix == ".jsonl":
@@ -206,12 +213,9 @@ def main():
         pairs.append(("stdout", records(None, stdout[before], "." + kind),
                       records(None, stdout[after], "." + kind)))
       folder = job.split()[0]
-      files_b = sorted(p.relative_to(outs[before] / folder)
-                       for p in (outs[before] / folder).rglob("*")
-                       if p.suffix in (".json", ".jsonl", ".csv"))
-      files_a = sorted(p.relative_to(outs[after] / folder)
-                       for p in (outs[after] / folder).rglob("*")
-                       if p.suffix in (".json", ".jsonl", ".csv"))
+      files_b, files_a = (sorted(
+          p.relative_to(outs[rev] / folder) for p in (outs[rev] / folder).rglob("*")
+          if p.suffix in COMPARED) for rev in (before, after))
       if files_b != files_a:
         same = False
         print(f"{job},(files),False,inf,"

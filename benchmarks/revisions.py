@@ -123,7 +123,10 @@ def export(rev: str, root: pathlib.Path,
   archive = subprocess.run(["git", "archive", rev, *paths], cwd=REPO,
                            check=True, capture_output=True).stdout
   with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-    tar.extractall(dest, filter="data")
+    if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4
+      tar.extractall(dest, filter="data")
+    else:
+      tar.extractall(dest)
   return dest
 
 

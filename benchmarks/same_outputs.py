@@ -129,7 +129,7 @@ def records(path: pathlib.Path | None, text: str | None = None,
 
   def walk(prefix, value):
     if isinstance(value, dict):
-      for k, v in value.items():
+      for k, v in sorted(value.items()):  # key order is not a result
         if not VOLATILE.search(str(k)):
           walk(f"{prefix}.{k}", v)
     elif isinstance(value, list):

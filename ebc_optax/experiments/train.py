@@ -345,7 +345,7 @@ class _Recorder:
     self.use_energy = optim_lib.CLIP_ARMS[cfg.optim.clip].needs_activation_norms
     self.sweep_every = cadence.sweep_interval(cfg.ebc.full_sweep_every,
                                               len(run.layers))
-    self.last_probe_count = host.get("last_probe_count", 0)
+    host.setdefault("last_probe_count", 0)  # probes recorded (kept in checkpoints)
     self.status = "ok"
     self.t_last = time.perf_counter()
 
@@ -398,7 +398,7 @@ class _Recorder:
     host["cadence"].append(cadence.measures(
         int(m["ebc_step"]) - 1, update_every=cfg.ebc.update_every,
         probe_every=cfg.ebc.probe_every, sweep_every=self.sweep_every))
-    if int(m.get("probe_count", 0)) > self.last_probe_count:
+    if int(m.get("probe_count", 0)) > host["last_probe_count"]:
       host["probe_kl"].append(float(m["applied_kl"]))
       # What the applied KL should match: the PI controller's target δ*,
       # otherwise the δ the clip used at this (probed) step (fixed, or
@@ -406,7 +406,7 @@ class _Recorder:
       # is a threshold, not a target (_summary leaves it out).
       host["probe_kl_ref"].append(
           cfg.ebc.target_kl if cfg.ebc.controller == "pi" else float(m["delta"]))
-      self.last_probe_count = int(m["probe_count"])
+      host["last_probe_count"] = int(m["probe_count"])
 
   def _record(self, step: int, m: dict[str, Any], params_after: Any,
               state_after: Any) -> dict[str, Any]:
@@ -484,7 +484,6 @@ def train(
   record = _Recorder(cfg, run, host, evaluate, log, bar)
 
   def checkpoint(step: int) -> None:
-    host["last_probe_count"] = record.last_probe_count
     host["probe_fraction"] = _probe_fraction(host)
     save_checkpoint(run_dir, step, params, opt_state, host)
 
@@ -510,7 +509,6 @@ def train(
     if bar is not None:
       bar.close()
   wall = time.perf_counter() - t_start
-  host["last_probe_count"] = record.last_probe_count
   host["probe_fraction"] = _probe_fraction(host)
   if record.status == "ok":
     save_checkpoint(run_dir, host["steps_done"] - 1, params, opt_state, host)
